@@ -1,0 +1,78 @@
+// Python bindings: tensors cross as raw pointers + shape/strides/dtype/stream,
+// so the module never links libtorch and one build serves every torch version.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "pool_fold.h"
+
+namespace py = pybind11;
+using hsvfast::PoolFoldArgs;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+PoolFoldArgs make_args(std::uintptr_t act, int dtype, int64_t batch, int64_t tokens, int64_t dim,
+                       int64_t stride_b, int64_t stride_t, int64_t stride_d, std::uintptr_t weights,
+                       std::uintptr_t labels, std::uintptr_t out_rows, std::uintptr_t shift,
+                       std::uintptr_t out, std::uintptr_t sums, std::uintptr_t sqnorms,
+                       std::uintptr_t nonfinite, int64_t batch_index) {
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument("hsvfast: unknown dtype code");
+  PoolFoldArgs a;
+  a.act = ptr<const void>(act);
+  a.dtype = static_cast<hsvfast::DType>(dtype);
+  a.batch = batch; a.tokens = tokens; a.dim = dim;
+  a.stride_b = stride_b; a.stride_t = stride_t; a.stride_d = stride_d;
+  a.weights = ptr<const float>(weights);
+  a.labels = ptr<const int64_t>(labels);
+  a.out_rows = ptr<const int64_t>(out_rows);
+  a.shift = ptr<const double>(shift);
+  a.out = ptr<double>(out);
+  a.sums = ptr<double>(sums);
+  a.sqnorms = ptr<double>(sqnorms);
+  a.nonfinite = ptr<int64_t>(nonfinite);
+  a.batch_index = batch_index;
+  return a;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hsvfast compiled core: pool token states and fold them into per-class statistics.";
+  m.attr("NO_BAD_BATCH") = hsvfast::kNoBadBatch;
+
+  m.def(
+      "pool_fold_cpu",
+      [](std::uintptr_t act, int dtype, int64_t batch, int64_t tokens, int64_t dim, int64_t stride_b,
+         int64_t stride_t, int64_t stride_d, std::uintptr_t weights, std::uintptr_t labels,
+         std::uintptr_t out_rows, std::uintptr_t shift, std::uintptr_t out, std::uintptr_t sums,
+         std::uintptr_t sqnorms, std::uintptr_t nonfinite, int64_t batch_index) {
+        hsvfast::pool_fold_cpu(make_args(act, dtype, batch, tokens, dim, stride_b, stride_t, stride_d,
+                                         weights, labels, out_rows, shift, out, sums, sqnorms,
+                                         nonfinite, batch_index));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Pool and fold one batch on the CPU (see csrc/pool_fold.h for the contract).");
+
+#ifdef HSVFAST_WITH_CUDA
+  m.def(
+      "pool_fold_cuda",
+      [](std::uintptr_t act, int dtype, int64_t batch, int64_t tokens, int64_t dim, int64_t stride_b,
+         int64_t stride_t, int64_t stride_d, std::uintptr_t weights, std::uintptr_t labels,
+         std::uintptr_t out_rows, std::uintptr_t shift, std::uintptr_t out, std::uintptr_t sums,
+         std::uintptr_t sqnorms, std::uintptr_t nonfinite, int64_t batch_index, int device,
+         std::uintptr_t stream) {
+        hsvfast::pool_fold_cuda(make_args(act, dtype, batch, tokens, dim, stride_b, stride_t, stride_d,
+                                          weights, labels, out_rows, shift, out, sums, sqnorms,
+                                          nonfinite, batch_index),
+                                device, stream);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Pool and fold one batch on a CUDA stream (asynchronous; see csrc/pool_fold.h).");
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

@@ -1,0 +1,47 @@
+// One batch of one layer: pool each sequence's token states and fold the
+// pooled vectors into running per-class statistics (float64).
+//
+// The same contract is implemented three times: CPU (pool_fold_cpu.cpp),
+// CUDA (pool_fold_cuda.cu) and pure PyTorch (hsvfast/_reference.py, the test
+// oracle). For every row b whose label is >= 0 (or every row when labels is
+// null):
+//   p[d]        = sum_t w[b,t] * act[b,t,d] / sum_t w[b,t]   (tokens with w == 0 are never read)
+//   x[d]        = p[d] - shift[label[b], d]                  (shift may be null: 0)
+//   out[r, d]   = x[d]        with r = out_rows ? out_rows[b] : b
+//   sums[label[b], d] += x[d];   sqnorms[label[b]] += sum_d x[d]^2   (when not null)
+//   *nonfinite  = min(*nonfinite, batch_index) if any p[d] is NaN or Inf
+// Rows with label < 0 are skipped; their out row is set to zero.
+#pragma once
+#include <cstdint>
+
+namespace hsvfast {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// "No non-finite value seen yet" marker for PoolFoldArgs::nonfinite.
+constexpr int64_t kNoBadBatch = INT64_MAX;
+
+struct PoolFoldArgs {
+  const void* act = nullptr;  // (batch, tokens, dim), any strides, dtype below
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, tokens = 0, dim = 0;
+  int64_t stride_b = 0, stride_t = 0, stride_d = 0;  // in elements
+  const float* weights = nullptr;     // (batch, tokens), contiguous
+  const int64_t* labels = nullptr;    // (batch,) dense class ids, < 0 = skip; null = plain pooling
+  const int64_t* out_rows = nullptr;  // (batch,) output row per input row; null = identity
+  const double* shift = nullptr;      // (classes, dim) per-class shift; null = none
+  double* out = nullptr;              // (rows, dim)
+  double* sums = nullptr;             // (classes, dim) or null
+  double* sqnorms = nullptr;          // (classes,) or null
+  int64_t* nonfinite = nullptr;       // scalar or null
+  int64_t batch_index = 0;
+};
+
+void pool_fold_cpu(const PoolFoldArgs& args);
+
+#ifdef HSVFAST_WITH_CUDA
+// Launches on `stream` of CUDA device `device`; never synchronises the host.
+void pool_fold_cuda(const PoolFoldArgs& args, int device, std::uintptr_t stream);
+#endif
+
+}  // namespace hsvfast

@@ -1,0 +1,20 @@
+"""hsvfast: hidden-state variability of every layer of a language model, in one pass.
+
+Xie et al. (Findings of EMNLP 2022, arXiv:2210.10041): the layer whose pooled hidden
+states have the smallest within-class spread relative to between-class spread
+(ν = tr(Σ_w Σ_b†)/C) is already specialised for the task; put the classifier there.
+"""
+__version__ = "0.1.0"
+
+from ._kernels import backend, compiled_with_cuda
+from .layers import find_blocks
+from .metrics import trace_ratio, variability
+from .pooling import POOLINGS
+from .report import Report
+from .scoring import score
+from .statistics import Statistics
+
+__all__ = [
+    "__version__", "score", "variability", "trace_ratio", "backend", "compiled_with_cuda",
+    "Report", "Statistics", "find_blocks", "POOLINGS",
+]

@@ -1,0 +1,107 @@
+"""Dispatch between the compiled kernels (``hsvfast._C``) and the PyTorch reference.
+
+Tensors reach the compiled module as raw pointers with shape, strides, dtype and
+the current CUDA stream: no libtorch at build time, no copy of the activations.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._reference import pool_fold_torch
+
+try:  # the compiled core is optional: without it everything runs on the reference
+    from . import _C
+except ImportError:  # pragma: no cover - exercised only on broken installs
+    _C = None
+
+#: Set HSVFAST_BACKEND=torch to force the pure-PyTorch path (debugging, comparisons).
+_FORCE_TORCH = os.environ.get("HSVFAST_BACKEND", "").lower() == "torch"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+NO_BAD_BATCH = 2**63 - 1
+
+
+def backend(device: "torch.device | str | None" = None) -> str:
+    """Which implementation pools and folds activations on ``device`` (default CPU).
+
+    Returns ``"cpp"`` (compiled CPU kernel), ``"cuda"`` (compiled CUDA kernel) or
+    ``"torch"`` (pure-PyTorch fallback: no compiled core, ``HSVFAST_BACKEND=torch``,
+    or a device the compiled core was not built for).
+    """
+    device = torch.device(device if device is not None else "cpu")
+    if _C is None or _FORCE_TORCH:
+        return "torch"
+    if device.type == "cpu":
+        return "cpp"
+    if device.type == "cuda" and _C.WITH_CUDA:
+        return "cuda"
+    return "torch"
+
+
+def compiled_with_cuda() -> bool:
+    """True when the compiled core contains the CUDA kernels."""
+    return _C is not None and bool(_C.WITH_CUDA)
+
+
+def _pointer(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def pool_fold(
+    act: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    out_rows: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    sums: Optional[torch.Tensor] = None,
+    sqnorms: Optional[torch.Tensor] = None,
+    nonfinite: Optional[torch.Tensor] = None,
+    batch_index: int = 0,
+    use: Optional[str] = None,
+) -> None:
+    """Pool one layer's activations and fold them into per-class statistics, in place.
+
+    ``act`` (B, T, d) float32/float16/bfloat16/float64 with any strides; ``weights``
+    (B, T) float32 contiguous; ``labels``/``out_rows`` (B,) int64; ``shift``/``sums``
+    (C, d), ``sqnorms`` (C,), ``out`` (rows, d) float64 contiguous; ``nonfinite`` a
+    one-element int64 tensor lowered to ``batch_index`` when a pooled value is NaN/Inf.
+    Everything must be on ``act``'s device. ``use`` overrides :func:`backend`.
+    """
+    which = use or backend(act.device)
+    if act.dim() != 3:
+        raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(act.shape)}")
+    if act.dtype not in _DTYPE_CODES:
+        raise TypeError(f"activations of dtype {act.dtype} are not supported; use float32, float16 or bfloat16")
+    if which == "torch":
+        finite = pool_fold_torch(act, weights, out, labels, out_rows, shift, sums, sqnorms)
+        if not finite and nonfinite is not None:
+            nonfinite.clamp_(max=batch_index)
+        return
+
+    for name, tensor, dtype in (
+        ("weights", weights, torch.float32), ("out", out, torch.float64), ("labels", labels, torch.int64),
+        ("out_rows", out_rows, torch.int64), ("shift", shift, torch.float64), ("sums", sums, torch.float64),
+        ("sqnorms", sqnorms, torch.float64), ("nonfinite", nonfinite, torch.int64),
+    ):
+        if tensor is None:
+            continue
+        if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device != act.device:
+            raise ValueError(f"pool_fold: {name} must be a contiguous {dtype} tensor on {act.device}")
+    batch, tokens, dim = act.shape
+    args = (
+        act.data_ptr(), _DTYPE_CODES[act.dtype], batch, tokens, dim, *act.stride(),
+        weights.data_ptr(), _pointer(labels), _pointer(out_rows), _pointer(shift), out.data_ptr(),
+        _pointer(sums), _pointer(sqnorms), _pointer(nonfinite), batch_index,
+    )
+    if which == "cpp":
+        _C.pool_fold_cpu(*args)
+    elif which == "cuda":
+        stream = torch.cuda.current_stream(act.device).cuda_stream
+        _C.pool_fold_cuda(*args, act.device.index or 0, stream)
+    else:
+        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")

@@ -1,0 +1,84 @@
+"""Finding a model's transformer blocks and reading their outputs through hooks.
+
+Layer k is the output of transformer block k (0-based), as the official code's
+``--last_layer k`` (``hidden_states[k + 1]`` in Hugging Face terms for encoders;
+for decoders the last block's output is taken before the final norm).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+_DEPTH_ATTRIBUTES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+class StopForward(Exception):
+    """Raised by the hook of the deepest scored block: nothing above it is computed."""
+
+
+def configured_depth(model: nn.Module) -> Optional[int]:
+    config = getattr(model, "config", None)
+    for name in _DEPTH_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a model, found without a per-architecture table.
+
+    Candidates are ``nn.ModuleList``s whose children all have one type; a list whose
+    length equals the config's depth (``num_hidden_layers``, ``n_layer`` …) wins, ties
+    broken by parameter count. Works for BERT, RoBERTa, DistilBERT, DeBERTa, ELECTRA,
+    GPT-2, Llama, Qwen2, Mistral and their task-head variants.
+    """
+    depth = configured_depth(model)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                candidates.append((len(module) == depth, size, name, module))
+    if not candidates:
+        raise ValueError(
+            f"could not find the transformer blocks of {type(model).__name__}: no nn.ModuleList of identical "
+            "modules. Pass blocks=<the nn.ModuleList of blocks> to hsvfast.score."
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    return candidates[0][3]
+
+
+def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:
+    """Sorted, de-duplicated block indices; negative indices count from the top."""
+    if layers is None:
+        return list(range(num_blocks))
+    if isinstance(layers, int):
+        layers = [layers]
+    resolved = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layers must be integers, got {layer!r}")
+        if not -num_blocks <= layer < num_blocks:
+            raise ValueError(
+                f"layer {layer} does not exist: the model has {num_blocks} blocks, so valid indices are "
+                f"0..{num_blocks - 1} (or -{num_blocks}..-1)"
+            )
+        resolved.add(layer % num_blocks)
+    if not resolved:
+        raise ValueError("layers is empty; pass at least one layer index, or None for all")
+    return sorted(resolved)
+
+
+def block_hidden_states(output: Any) -> torch.Tensor:
+    """The hidden-state tensor in a block's output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")

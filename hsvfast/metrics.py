@@ -1,0 +1,105 @@
+"""Metrics derived from the per-class statistics, and the same maths for a feature matrix.
+
+``variability`` is the paper's ν (Xie et al. 2022, eq. 3), exactly as the official
+``compute_nc`` defines it — class-balanced Σ_w, Σ_b around the unweighted mean of
+class means, biased covariances, ν = tr(Σ_w Σ_b†)/C — but computed without a d×d
+pseudo-inverse: with Q a C×(C−1) orthonormal basis orthogonal to the all-ones
+vector and μ the C×d class means, M = μᵀQ satisfies MMᵀ = C·Σ_b, and with the thin
+SVD M = U S Vᵀ, ν = Σ_k u_kᵀ Σ_w u_k / s_k². This is exact (Σ_b has rank ≤ C−1
+by construction, so no round-off direction is ever inverted) and costs O(d²C).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Hashable, Sequence
+
+import numpy as np
+import torch
+
+#: Direction of each metric: True when lower values mean a better-specialised layer.
+LOWER_IS_BETTER = {"variability": True, "trace_ratio": True}
+
+
+def helmert_basis(num_classes: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """C×(C−1) orthonormal columns, each orthogonal to the all-ones vector (Helmert contrasts)."""
+    q = torch.zeros(num_classes, num_classes - 1, dtype=dtype, device=device)
+    for k in range(1, num_classes):
+        q[:k, k - 1] = 1.0 / math.sqrt(k * (k + 1))
+        q[k, k - 1] = -k / math.sqrt(k * (k + 1))
+    return q
+
+
+def between_class_directions(means: torch.Tensor):
+    """Thin SVD of M = μᵀQ: orthonormal directions U (d×r) and singular values s (r).
+
+    Σ_b = U diag(s²/C) Uᵀ exactly. Singular values at or below max(d, C)·eps·s_max
+    are round-off of a rank-deficient Σ_b (class means on a lower-dimensional affine
+    subspace) and are dropped, as a pseudo-inverse with that cut-off would.
+    """
+    num_classes, dim = means.shape
+    m = means.T @ helmert_basis(num_classes, means.dtype, means.device)  # d×(C−1)
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0], s[:0]
+    keep = s > max(dim, num_classes) * torch.finfo(s.dtype).eps * s[0]
+    return u[:, keep], s[keep]
+
+
+def variability_from_moments(means: torch.Tensor, within: torch.Tensor) -> float:
+    """ν = (1/C) tr(Σ_w Σ_b†) from class means (C×d) and the class-balanced Σ_w (d×d).
+
+    Returns ``inf`` when all class means coincide (Σ_b = 0): no between-class
+    separation at all. (The official code's pinv would return 0 there.)
+    """
+    u, s = between_class_directions(means)
+    if s.numel() == 0:
+        return math.inf
+    projected = ((within @ u) * u).sum(0)  # u_kᵀ Σ_w u_k
+    return float((projected / (s * s)).sum())
+
+
+def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
+    """tr(Σ_w) / tr(Σ_b) with the paper's class-balanced Σ_w and Σ_b."""
+    num_classes = means.shape[0]
+    centred = means - means.mean(0, keepdim=True)
+    between_trace = float((centred * centred).sum()) / num_classes
+    return math.inf if between_trace == 0.0 else within_trace / between_trace
+
+
+def layer_metrics(moments: Dict[str, Any]) -> Dict[str, float]:
+    """All metrics of one layer from :meth:`Statistics.class_moments`."""
+    result = {"trace_ratio": trace_ratio_from_moments(moments["means"], moments["within_trace"])}
+    if moments["within"] is not None:
+        result["variability"] = variability_from_moments(moments["means"], moments["within"])
+    return result
+
+
+def _feature_statistics(features: Any, labels: Sequence[Hashable], second_moments: bool):
+    from .statistics import Statistics  # local: statistics imports nothing from here
+
+    features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+    if features.dim() != 2:
+        raise ValueError(f"features must be a (num_examples, hidden_size) matrix, got shape {tuple(features.shape)}")
+    if len(labels) != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows but {len(labels)} labels")
+    stats = Statistics([0], device=features.device, second_moments=second_moments)
+    stats.add_features(features, labels)
+    stats.check_complete()
+    return stats
+
+
+def variability(features: Any, labels: Sequence[Hashable]) -> float:
+    """The paper's ν for a feature matrix you already hold (NumPy or torch, N×d).
+
+    Same code path as :func:`hsvfast.score`: the rows are folded into the streaming
+    statistics (float64) and ν is read out with the exact rank-(C−1) projection.
+    Lower is better specialised.
+    """
+    stats = _feature_statistics(features, labels, second_moments=True)
+    return layer_metrics(stats.class_moments(0))["variability"]
+
+
+def trace_ratio(features: Any, labels: Sequence[Hashable]) -> float:
+    """tr(Σ_w)/tr(Σ_b) (class-balanced) for a feature matrix (N×d). Lower is better."""
+    stats = _feature_statistics(features, labels, second_moments=False)
+    return layer_metrics(stats.class_moments(0))["trace_ratio"]

@@ -1,0 +1,66 @@
+"""The result of scoring: per-layer metrics, frozen, JSON-ready."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, List, Optional
+
+from .metrics import LOWER_IS_BETTER
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-layer scores of one model on one labelled corpus.
+
+    Attributes:
+        layers: scored block indices (layer k = output of transformer block k).
+        metrics: metric name → one value per entry of ``layers``. ``"variability"``
+            is the paper's ν (lower = the layer separates the classes better relative
+            to their spread); ``"trace_ratio"`` is tr(Σ_w)/tr(Σ_b) (lower is better).
+        class_counts: examples scored per label.
+        pooling: how token states were pooled (see :mod:`hsvfast.pooling`).
+        model_name: the model's ``name_or_path`` when it has one.
+        num_examples: sequences scored; num_skipped: sequences with no token to pool.
+        backend: implementation that pooled the activations (``cpp``, ``cuda``, ``torch``).
+        stats: the underlying :class:`hsvfast.Statistics` (not serialised).
+    """
+
+    layers: List[int]
+    metrics: Dict[str, List[float]]
+    class_counts: Dict[Hashable, int]
+    pooling: str
+    model_name: Optional[str]
+    num_examples: int
+    num_skipped: int
+    backend: str
+    version: str
+    stats: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def best_layer(self) -> int:
+        """The layer with the lowest ν (the paper's ℓ*); falls back to trace_ratio without ν."""
+        name = "variability" if "variability" in self.metrics else "trace_ratio"
+        values = self.metrics[name]
+        sign = 1.0 if LOWER_IS_BETTER[name] else -1.0
+        finite = [(sign * v, layer) for v, layer in zip(values, self.layers) if not math.isnan(v)]
+        if not finite:
+            raise ValueError(f"no layer has a defined {name}")
+        return min(finite)[1]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (non-finite values become None; label keys become strings)."""
+        def clean(v: float) -> Optional[float]:
+            return v if math.isfinite(v) else None
+
+        return {
+            "hsvfast_version": self.version,
+            "model_name": self.model_name,
+            "pooling": self.pooling,
+            "backend": self.backend,
+            "layers": list(self.layers),
+            "best_layer": self.best_layer,
+            "metrics": {name: [clean(v) for v in values] for name, values in self.metrics.items()},
+            "class_counts": {str(label): int(n) for label, n in self.class_counts.items()},
+            "num_examples": self.num_examples,
+            "num_skipped": self.num_skipped,
+        }

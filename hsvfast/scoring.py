@@ -1,0 +1,211 @@
+"""``hsvfast.score``: every requested layer of a model in one forward pass over a corpus."""
+from __future__ import annotations
+
+import collections
+import inspect
+import warnings
+from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _kernels
+from .layers import StopForward, block_hidden_states, configured_depth, find_blocks, resolve_layers
+from .metrics import layer_metrics
+from .pooling import special_token_ids, token_weights
+from .report import Report
+from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels
+
+_LABEL_KEYS = ("labels", "label")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def score(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    layers: Optional[Sequence[int]] = None,
+    pooling: str = "mean",
+    tokenizer: Any = None,
+    class_counts: Optional[Mapping[Hashable, int]] = None,
+    device: "torch.device | str | None" = None,
+    progress: bool = False,
+    strict: bool = False,
+    blocks: Optional[nn.ModuleList] = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Report:
+    """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
+
+    Forward hooks hand each block's output, in place, to the compiled pooling kernel,
+    which folds it into streaming float64 per-class statistics; the forward stops
+    after the deepest requested block. Memory does not grow with the corpus.
+
+    Args:
+        model: a transformers model (any architecture with a list of blocks).
+        loader: iterable of dict batches with ``input_ids``, ``attention_mask``,
+            ``labels`` (or ``label``), optionally ``special_tokens_mask`` and
+            ``token_type_ids`` — what tokenizers and collators produce.
+        layers: block indices to score (negative allowed); default all.
+        pooling: ``"mean"`` (non-special tokens, the paper's), ``"mean_all"``,
+            ``"first"`` or ``"last"``; see :mod:`hsvfast.pooling`.
+        tokenizer: finds special tokens when batches carry no ``special_tokens_mask``.
+        class_counts: ``{label: count}`` of the whole corpus, known in advance: keeps
+            one class-balanced d×d matrix per layer instead of one per class (needed
+            for many classes at large d). Read from the loader's dataset label column
+            automatically when per-class matrices would exceed ``max_memory``.
+        device: run the model and keep the statistics there (the model is moved
+            for the call and moved back); default the model's device.
+        progress: show a progress bar.
+        strict: raise instead of skipping sequences with no token to pool.
+        blocks: the model's ``nn.ModuleList`` of blocks, if it cannot be found.
+        max_memory: bytes allowed for per-class second moments, all layers together.
+
+    Returns:
+        a :class:`Report` (``report.metrics["variability"]``, ``report.best_layer`` …).
+    """
+    blocks = find_blocks(model) if blocks is None else blocks
+    layer_ids = resolve_layers(layers, len(blocks))
+    original_device = _model_device(model)
+    device = torch.device(device) if device is not None else original_device
+    special_ids = special_token_ids(tokenizer)
+    if class_counts is None:
+        class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory)
+    stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory)
+    forward_kwargs = _accepted_kwargs(model)
+
+    current: Dict[str, Any] = {}
+    deepest = layer_ids[-1]
+
+    def make_hook(position: int, layer: int):
+        def hook(module, args, output):
+            hidden = block_hidden_states(output)
+            stats.fold(position, hidden, current["weights"], current["plan"])
+            if layer == deepest:
+                raise StopForward
+        return hook
+
+    was_training = model.training
+    handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]
+    warned_empty = False
+    try:
+        if device != original_device:
+            model.to(device)
+        model.eval()
+        bar = _progress(loader, progress)
+        with torch.inference_mode():
+            for batch_index, batch in enumerate(bar):
+                if not isinstance(batch, Mapping):
+                    raise TypeError(
+                        f"batch {batch_index} is a {type(batch).__name__}; hsvfast needs dict batches with "
+                        "'input_ids', 'attention_mask' and 'labels' (as tokenizers and collators make them)"
+                    )
+                if "input_ids" not in batch:
+                    raise ValueError(f"batch {batch_index} has no 'input_ids' (keys: {sorted(batch)})")
+                labels = _batch_labels(batch, batch_index)
+                weights = token_weights(batch, pooling, special_ids)
+                poolable = (weights.sum(1) > 0).cpu().numpy()
+                if len(labels) != len(poolable):
+                    raise ValueError(f"batch {batch_index}: {len(labels)} labels for {len(poolable)} sequences")
+                if not poolable.all():
+                    if strict:
+                        raise ValueError(
+                            f"batch {batch_index}: {int((~poolable).sum())} sequence(s) have no token to pool "
+                            f"with pooling={pooling!r} (e.g. an empty text is only special tokens)"
+                        )
+                    if not warned_empty:
+                        warnings.warn(
+                            f"skipping sequences with no token to pool (first in batch {batch_index}); "
+                            "the report counts them in num_skipped; strict=True raises instead",
+                            stacklevel=2,
+                        )
+                        warned_empty = True
+                plan = stats.plan_batch(labels, poolable)
+                current["plan"] = plan
+                current["weights"] = weights.to(device, non_blocking=True)
+                inputs = {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS if k in batch}
+                try:
+                    model(**inputs, **forward_kwargs)
+                except StopForward:
+                    pass
+                else:
+                    raise RuntimeError(
+                        f"the forward pass finished without running block {deepest}; the blocks found are not "
+                        "the ones the model runs. Pass blocks= explicitly."
+                    )
+                stats.finish_batch(plan)
+        stats.check_complete()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        if device != original_device:
+            model.to(original_device)
+
+    per_layer = [layer_metrics(stats.class_moments(p)) for p in range(len(layer_ids))]
+    from . import __version__
+
+    return Report(
+        layers=layer_ids,
+        metrics={name: [m[name] for m in per_layer] for name in per_layer[0]},
+        class_counts=dict(sorted(zip(stats.labels, stats.counts.tolist()), key=lambda kv: repr(kv[0]))),
+        pooling=pooling,
+        model_name=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        num_examples=stats.num_examples,
+        num_skipped=stats.num_skipped,
+        backend=_kernels.backend(device),
+        version=__version__,
+        stats=stats,
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _batch_labels(batch: Mapping[str, Any], batch_index: int) -> list:
+    for key in _LABEL_KEYS:
+        if key in batch:
+            return normalise_labels(batch[key])
+    raise ValueError(
+        f"batch {batch_index} has no labels: expected a 'labels' or 'label' entry (keys: {sorted(batch)})"
+    )
+
+
+def _accepted_kwargs(model: nn.Module) -> Dict[str, Any]:
+    """Switch off work the scoring pass never reads (KV cache), where the model accepts it."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
+
+
+def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int):
+    """Class counts from a Hugging Face dataset's label column, when per-class matrices would not fit."""
+    dataset = getattr(loader, "dataset", None)
+    columns = getattr(dataset, "column_names", None)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not columns or not hidden:
+        return None
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):
+        return None  # a subset or shard: the column's counts would not be what is scored
+    if getattr(loader, "drop_last", False):
+        return None
+    for key in _LABEL_KEYS:
+        if key in columns:
+            counts = collections.Counter(normalise_labels(np.asarray(dataset[key])))
+            if 8 * len(counts) * hidden * hidden * num_layers > max_memory:
+                return dict(counts)
+    return None
+
+
+def _progress(loader: Iterable, enabled: bool) -> Iterable:
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc="hsvfast", unit="batch", total=len(loader) if hasattr(loader, "__len__") else None)

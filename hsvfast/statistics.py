@@ -1,0 +1,346 @@
+"""Streaming per-class statistics of pooled hidden states, for several layers at once.
+
+Per layer and class c the accumulator holds, in float64 on the activations' device:
+
+* ``shift[c]``  — the first pooled vector seen of class c. Every later vector of
+  the class is stored relative to it, so hidden states with huge means (the
+  outlier dimensions of real LMs) cost no precision: the moments below are of
+  ``x = h - shift[c]``, which is of the size of the within-class spread.
+* ``sums[c]  = Σ x``, ``sqnorms[c] = Σ |x|²`` — enough for the trace metrics.
+* second moments: ``Σ x xᵀ`` per class (``mode="per_class"``), or one
+  class-balanced matrix ``Σ x xᵀ / N_c`` when the class counts N_c are known
+  before the pass (``mode="balanced"``: memory d² instead of C·d²).
+
+Counts are exact integers on the host. Everything is a sum, so batches, parts of
+a corpus and processes merge by addition. The finished metrics are derived in
+:mod:`hsvfast.metrics`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import _kernels
+
+#: Default cap on the memory of per-class second-moment matrices, all layers together.
+DEFAULT_MAX_MEMORY = 4 << 30
+
+
+@dataclass
+class LayerMoments:
+    """Accumulators of one layer (see the module docstring). Rows beyond ``num_classes`` are unused."""
+
+    hidden_size: int
+    shift: torch.Tensor
+    sums: torch.Tensor
+    sqnorms: torch.Tensor
+    second: Optional[torch.Tensor]
+    nonfinite: torch.Tensor
+
+    @classmethod
+    def empty(cls, hidden_size: int, capacity: int, mode: str, device: torch.device) -> "LayerMoments":
+        f64 = dict(dtype=torch.float64, device=device)
+        if mode == "per_class":
+            second = torch.zeros(capacity, hidden_size, hidden_size, **f64)
+        elif mode == "balanced":
+            second = torch.zeros(hidden_size, hidden_size, **f64)
+        else:
+            second = None
+        return cls(
+            hidden_size=hidden_size,
+            shift=torch.zeros(capacity, hidden_size, **f64),
+            sums=torch.zeros(capacity, hidden_size, **f64),
+            sqnorms=torch.zeros(capacity, **f64),
+            second=second,
+            nonfinite=torch.full((1,), _kernels.NO_BAD_BATCH, dtype=torch.int64, device=device),
+        )
+
+    def grow(self, capacity: int, mode: str) -> None:
+        """Make room for ``capacity`` classes, keeping what was accumulated."""
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            bigger = t.new_zeros((capacity,) + tuple(t.shape[1:]))
+            bigger[: t.shape[0]] = t
+            return bigger
+
+        self.shift, self.sums, self.sqnorms = padded(self.shift), padded(self.sums), padded(self.sqnorms)
+        if mode == "per_class":
+            self.second = padded(self.second)
+
+
+@dataclass
+class BatchPlan:
+    """Host-side bookkeeping of one batch, shared by all layers."""
+
+    index: int
+    class_ids: np.ndarray                 # (B,) dense class id per row, -1 = skipped
+    out_rows: np.ndarray                  # (B,) output row per row: rows grouped by class
+    segments: List[tuple]                 # (class id, start, stop) over output rows
+    new_classes: List[tuple]              # (class id, row) for classes first seen here
+    batch_counts: np.ndarray              # (num_classes,) rows per class in this batch
+    device_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Statistics:
+    """Per-class moments of pooled hidden states for a list of layers.
+
+    Usually built by :func:`hsvfast.score`; :meth:`add_features` feeds an existing
+    feature matrix through the same code.
+
+    Args:
+        layers: layer indices the accumulators belong to (labels for the report).
+        device: where the accumulators live (the activations' device).
+        class_counts: ``{label: N}`` known before the pass; switches the second
+            moments to one class-balanced matrix per layer. The pass must then see
+            exactly these counts.
+        second_moments: False keeps only what the trace metrics need (O(C·d)).
+        max_memory: cap in bytes on per-class second moments (all layers together).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        device: "torch.device | str" = "cpu",
+        class_counts: Optional[Mapping[Hashable, int]] = None,
+        second_moments: bool = True,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+    ) -> None:
+        self.layers: List[int] = list(layers)
+        self.device = torch.device(device)
+        self.labels: List[Hashable] = []
+        self._class_of: Dict[Hashable, int] = {}
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.num_skipped = 0
+        self.num_batches = 0
+        self.max_memory = int(max_memory)
+        self.class_counts: Optional[Dict[Hashable, int]] = None
+        if not second_moments:
+            self.mode = "trace"
+        elif class_counts is not None:
+            self.mode = "balanced"
+            self.class_counts = _check_class_counts(class_counts)
+        else:
+            self.mode = "per_class"
+        self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
+        self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
+
+    # ----------------------------------------------------------------- labels
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.counts.sum())
+
+    def plan_batch(self, labels: Sequence[Hashable], poolable: np.ndarray) -> BatchPlan:
+        """Map a batch's labels to dense class ids, group rows by class, register new classes.
+
+        ``poolable[b]`` is False for a sequence with no token to pool; it is skipped.
+        """
+        class_ids = np.full(len(labels), -1, dtype=np.int64)
+        new_classes = []
+        for row, (label, ok) in enumerate(zip(labels, poolable)):
+            if not ok:
+                continue
+            cid = self._class_of.get(label)
+            if cid is None:
+                if self.class_counts is not None and label not in self.class_counts:
+                    raise ValueError(
+                        f"label {label!r} is not in class_counts (which has {sorted(self.class_counts, key=repr)}); "
+                        "pass the counts of every label the loader yields, or leave class_counts out"
+                    )
+                cid = len(self.labels)
+                self._class_of[label] = cid
+                self.labels.append(label)
+                new_classes.append((cid, row))
+            class_ids[row] = cid
+        self._ensure_capacity(self.num_classes)
+        self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+
+        order = np.argsort(class_ids, kind="stable")
+        order = np.concatenate([order[class_ids[order] >= 0], order[class_ids[order] < 0]])
+        out_rows = np.empty_like(order)
+        out_rows[order] = np.arange(len(order))
+        batch_counts = np.bincount(class_ids[class_ids >= 0], minlength=self.num_classes).astype(np.int64)
+        segments, start = [], 0
+        for cid in np.flatnonzero(batch_counts):
+            segments.append((int(cid), start, start + int(batch_counts[cid])))
+            start += int(batch_counts[cid])
+        plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
+        dev = dict(device=self.device)
+        plan.device_tensors["class_ids"] = torch.from_numpy(class_ids).to(non_blocking=True, **dev)
+        plan.device_tensors["out_rows"] = torch.from_numpy(out_rows).to(non_blocking=True, **dev)
+        if self.mode == "balanced":
+            totals = np.array([self.class_counts[label] for label in self.labels], dtype=np.float64)
+            row_scale = np.zeros(len(labels))
+            for cid, a, b in segments:
+                row_scale[a:b] = 1.0 / totals[cid]
+            plan.device_tensors["row_scale"] = torch.from_numpy(row_scale).to(non_blocking=True, **dev)
+        return plan
+
+    def finish_batch(self, plan: BatchPlan) -> None:
+        """Commit a batch's counts once every layer has folded it."""
+        self.counts[: len(plan.batch_counts)] += plan.batch_counts
+        self.num_skipped += int((plan.class_ids < 0).sum())
+        self.num_batches += 1
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        self._check_memory(capacity, [m.hidden_size for m in self.moments if m is not None])
+        for m in self.moments:
+            if m is not None:
+                m.grow(capacity, self.mode)
+        self.capacity = capacity
+
+    def _check_memory(self, capacity: int, hidden_sizes: List[int]) -> None:
+        if self.mode != "per_class" or not hidden_sizes:
+            return
+        needed_bytes = sum(8 * capacity * d * d for d in hidden_sizes)
+        if needed_bytes > self.max_memory:
+            raise MemoryError(
+                f"per-class covariance statistics for {capacity} classes over {len(hidden_sizes)} layers "
+                f"(hidden size {max(hidden_sizes)}) would need {needed_bytes / 2**30:.2f} GiB, over the limit of "
+                f"{self.max_memory / 2**30:.2f} GiB. Pass class_counts={{label: count, ...}} (e.g. "
+                "collections.Counter of your dataset's label column) so hsvfast keeps one class-balanced "
+                "matrix per layer, or raise max_memory."
+            )
+
+    # ------------------------------------------------------------------ folding
+    def fold(self, position: int, act: torch.Tensor, weights: torch.Tensor, plan: BatchPlan) -> None:
+        """Pool layer ``self.layers[position]``'s activations (B, T, d) and add them.
+
+        ``weights`` is the (B, T) float32 token-weight matrix on ``act``'s device.
+        """
+        m = self.moments[position]
+        if m is None:
+            sizes = [other.hidden_size for other in self.moments if other is not None]
+            # Every layer is sized like this one, so the cap is checked once for the whole run.
+            self._check_memory(self.capacity, [act.shape[-1]] * (len(self.layers) - len(sizes)) + sizes)
+            m = self.moments[position] = LayerMoments.empty(act.shape[-1], self.capacity, self.mode, act.device)
+        elif act.shape[-1] != m.hidden_size:
+            raise ValueError(
+                f"layer {self.layers[position]}: hidden size changed from {m.hidden_size} to {act.shape[-1]}"
+            )
+        for cid, row in plan.new_classes:
+            _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
+
+        tensors = plan.device_tensors
+        x = torch.empty(act.shape[0], m.hidden_size, dtype=torch.float64, device=act.device)
+        _kernels.pool_fold(
+            act, weights, x, labels=tensors["class_ids"], out_rows=tensors["out_rows"], shift=m.shift,
+            sums=m.sums, sqnorms=m.sqnorms, nonfinite=m.nonfinite, batch_index=plan.index,
+        )
+        if self.mode == "per_class":
+            for cid, a, b in plan.segments:
+                m.second[cid].addmm_(x[a:b].T, x[a:b])
+        elif self.mode == "balanced":
+            m.second.addmm_((x * tensors["row_scale"].unsqueeze(1)).T, x)
+        if act.device.type == "cpu":  # free to check at once; on a GPU it waits for the end
+            self.check_finite(position)
+
+    def check_finite(self, position: Optional[int] = None) -> None:
+        """Raise ValueError naming the layer and batch if a pooled value was NaN or Inf."""
+        positions = range(len(self.layers)) if position is None else [position]
+        for p in positions:
+            m = self.moments[p]
+            if m is not None and int(m.nonfinite.item()) != _kernels.NO_BAD_BATCH:
+                raise ValueError(
+                    f"layer {self.layers[p]}: non-finite (NaN or Inf) hidden states in batch "
+                    f"{int(m.nonfinite.item())} (0-based). Check the inputs of that batch; in float16, "
+                    "activations can overflow: run the model in bfloat16 or float32."
+                )
+
+    def add_features(self, features: torch.Tensor, labels: Sequence[Hashable], position: int = 0) -> None:
+        """Fold a (N, d) matrix of already pooled features of one layer (one batch)."""
+        features = torch.as_tensor(features)
+        if not features.is_floating_point():
+            features = features.to(torch.float64)
+        weights = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
+        plan = self.plan_batch(normalise_labels(labels), np.ones(features.shape[0], dtype=bool))
+        self.fold(position, features.unsqueeze(1), weights, plan)
+        self.finish_batch(plan)
+
+    # --------------------------------------------------------------- read-out
+    def check_complete(self) -> None:
+        """Errors that make the statistics unusable for the metrics."""
+        if self.num_examples == 0:
+            raise ValueError(
+                "no labelled example was scored: the loader was empty or every sequence had no token to pool"
+            )
+        if self.num_classes < 2:
+            raise ValueError(
+                f"only one class ({self.labels[0]!r}) was seen; the variability ratio compares classes, "
+                "so the data must have at least two labels"
+            )
+        if self.class_counts is not None:
+            seen = {label: int(n) for label, n in zip(self.labels, self.counts)}
+            if seen != {k: v for k, v in self.class_counts.items()}:
+                raise ValueError(
+                    f"class_counts {self.class_counts} differ from the counts the loader yielded {seen} "
+                    f"({self.num_skipped} sequences were skipped for having no token to pool). Pass the "
+                    "counts of exactly the examples scored, or leave class_counts out."
+                )
+        self.check_finite()
+
+    def class_moments(self, position: int) -> Dict[str, Any]:
+        """Class counts, means and the paper's class-balanced within-class covariance of one layer.
+
+        Returns a dict with ``counts`` (C,), ``means`` (C, d) relative to the first
+        class's shift (metrics are translation invariant), ``within_trace`` (tr Σ_w)
+        and ``within`` (Σ_w, d×d float64, or None without second moments).
+        """
+        m = self.moments[position]
+        c = self.num_classes
+        n = torch.as_tensor(self.counts[:c], dtype=torch.float64, device=m.sums.device)
+        centred = m.sums[:c] / n.unsqueeze(1)          # mean of x = h - shift, per class
+        means = (m.shift[:c] - m.shift[0]) + centred  # class means, up to a common translation
+        within_trace = float(((m.sqnorms[:c] / n) - (centred * centred).sum(1)).sum() / c)
+        within = None
+        if self.mode == "per_class":
+            within = (torch.einsum("c,cij->ij", 1.0 / n, m.second[:c]) - centred.T @ centred) / c
+        elif self.mode == "balanced":
+            within = (m.second - centred.T @ centred) / c
+        return {"counts": n, "means": means, "within": within, "within_trace": within_trace}
+
+
+def _check_class_counts(class_counts: Mapping[Hashable, int]) -> Dict[Hashable, int]:
+    checked = {}
+    for label, count in dict(class_counts).items():
+        if isinstance(count, bool) or int(count) != count or count <= 0:
+            raise ValueError(f"class_counts[{label!r}] = {count!r}; counts must be positive integers")
+        checked[_normalise_label(label)] = int(count)
+    return checked
+
+
+def normalise_labels(labels: Any) -> List[Hashable]:
+    """A batch's labels as plain Python values; refuses float (regression) labels."""
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(_FLOAT_LABELS.format(dtype=labels.dtype))
+        return labels.reshape(-1).tolist()
+    array = np.asarray(labels)
+    if array.dtype.kind in "fc":
+        raise TypeError(_FLOAT_LABELS.format(dtype=array.dtype))
+    if array.dtype.kind in "biu":
+        return array.reshape(-1).tolist()
+    return [_normalise_label(label) for label in labels]
+
+
+_FLOAT_LABELS = (
+    "labels have dtype {dtype}: hsvfast needs discrete class labels (ints or strings). "
+    "Regression targets (e.g. STS-B scores) have no classes to compare; bin them or use a classification task."
+)
+
+
+def _normalise_label(label: Hashable) -> Hashable:
+    """Plain Python scalars, so 3, np.int64(3) and tensor(3) are one class."""
+    if isinstance(label, torch.Tensor):
+        label = label.item()
+    if isinstance(label, np.generic):
+        label = label.item()
+    return label
