@@ -265,6 +265,44 @@ class Statistics:
         self.fold(position, features.unsqueeze(1), weights, plan)
         self.finish_batch(plan)
 
+    # ------------------------------------------------------------------ merging
+    def merge(self, other: "Statistics") -> "Statistics":
+        """Add another part's statistics (same layers, pooling and mode) into this one; returns self.
+
+        Each part stores class c relative to its own shift s_c; the other part's
+        moments are re-expressed around this part's shift (δ = s_other − s_self, of
+        the size of the within-class spread, so nothing cancels) before adding.
+        """
+        if other.layers != self.layers or other.mode != self.mode:
+            raise ValueError(
+                f"cannot merge statistics of layers {other.layers} ({other.mode}) into layers {self.layers} "
+                f"({self.mode})"
+            )
+        if self.mode == "balanced" and other.class_counts != self.class_counts:
+            raise ValueError("cannot merge statistics built with different class_counts")
+        new_labels = [label for label in other.labels if label not in self._class_of]
+        for label in new_labels:
+            self._class_of[label] = len(self.labels)
+            self.labels.append(label)
+        self._ensure_capacity(self.num_classes)
+        self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+        ids = [self._class_of[label] for label in other.labels]
+        for position, (mine, theirs) in enumerate(zip(self.moments, other.moments)):
+            if theirs is None:
+                continue
+            if mine is None:
+                mine = self.moments[position] = LayerMoments.empty(
+                    theirs.hidden_size, self.capacity, self.mode, theirs.shift.device
+                )
+            elif mine.hidden_size != theirs.hidden_size:
+                raise ValueError(f"layer {self.layers[position]}: hidden sizes {mine.hidden_size} and {theirs.hidden_size} differ")
+            _merge_layer(mine, theirs, ids, self.counts, other.counts, self.mode, self.class_counts, self.labels)
+        for cid, n in zip(ids, other.counts):
+            self.counts[cid] += n
+        self.num_skipped += other.num_skipped
+        self.num_batches += other.num_batches
+        return self
+
     # --------------------------------------------------------------- read-out
     def check_complete(self) -> None:
         """Errors that make the statistics unusable for the metrics."""
@@ -306,6 +344,32 @@ class Statistics:
         elif self.mode == "balanced":
             within = (m.second - centred.T @ centred) / c
         return {"counts": n, "means": means, "within": within, "within_trace": within_trace}
+
+
+def _merge_layer(mine, theirs, ids, my_counts, their_counts, mode, class_counts, labels) -> None:
+    device = mine.shift.device
+    for k, cid in enumerate(ids):
+        n_b = float(their_counts[k])
+        s_b, q_b = theirs.sums[k].to(device), theirs.sqnorms[k].to(device)
+        if my_counts[cid] == 0:  # class new to this part: adopt the other part's shift as is
+            mine.shift[cid] = theirs.shift[k].to(device)
+            delta = torch.zeros_like(s_b)
+        else:
+            delta = theirs.shift[k].to(device) - mine.shift[cid]
+        # x' = x + δ for every vector of the other part.
+        mine.sums[cid] += s_b + n_b * delta
+        mine.sqnorms[cid] += q_b + 2.0 * torch.dot(delta, s_b) + n_b * torch.dot(delta, delta)
+        if mode == "trace":
+            continue
+        g_b = theirs.second[k].to(device) if mode == "per_class" else None
+        correction = torch.outer(delta, s_b) + torch.outer(s_b, delta) + n_b * torch.outer(delta, delta)
+        if mode == "per_class":
+            mine.second[cid] += g_b + correction
+        else:
+            mine.second += correction / class_counts[labels[cid]]
+    if mode == "balanced":
+        mine.second += theirs.second.to(device)
+    mine.nonfinite.clamp_(max=int(theirs.nonfinite.item()))
 
 
 def _check_class_counts(class_counts: Mapping[Hashable, int]) -> Dict[Hashable, int]:

@@ -1,0 +1,152 @@
+"""The compiled pool-and-fold kernels (CPU and CUDA) against the PyTorch reference."""
+import numpy as np
+import pytest
+import torch
+
+import hsvfast
+from hsvfast import _kernels
+from conftest import DEVICES, requires_cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def compiled_backend(device: str) -> str:
+    name = _kernels.backend(device)
+    if name == "torch":
+        pytest.fail(f"no compiled kernel for {device}: the extension is missing or was built without it")
+    return name
+
+
+def make_case(device, dtype, batch=13, tokens=11, dim=389, classes=4, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    full = (torch.randn(batch, tokens, dim + 3, generator=g) * 3 + 50).to(device=device, dtype=dtype)
+    if layout == "contiguous":
+        act = full[:, :, :dim].contiguous()
+    elif layout == "sliced":  # strided rows: a view into a wider buffer
+        act = full[:, :, 1 : dim + 1]
+    else:  # "transposed": hidden dimension not innermost
+        act = full[:, :, :dim].transpose(1, 2).contiguous().transpose(1, 2)
+    assert (layout == "contiguous") == act.is_contiguous()
+    weights = (torch.rand(batch, tokens, generator=g) > 0.3).float()
+    weights[:, 0] = 1.0
+    weights[min(2, batch - 1)] *= torch.rand(tokens, generator=g) + 0.1  # non-binary weights too
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    if batch > 3:
+        labels[3] = -1  # skipped row
+    out_rows = torch.randperm(batch, generator=g)
+    shift = torch.randn(classes, dim, generator=g, dtype=torch.float64) + 50
+    tensors = dict(weights=weights, labels=labels, out_rows=out_rows, shift=shift)
+    return act, {k: v.to(device) for k, v in tensors.items()}
+
+
+def run(act, case, use, with_stats=True):
+    classes, dim = case["shift"].shape
+    out = torch.full((act.shape[0], dim), float("nan"), dtype=torch.float64, device=act.device)
+    sums = torch.zeros(classes, dim, dtype=torch.float64, device=act.device) + 1.0
+    sqnorms = torch.zeros(classes, dtype=torch.float64, device=act.device) + 2.0
+    nonfinite = torch.full((1,), _kernels.NO_BAD_BATCH, dtype=torch.int64, device=act.device)
+    _kernels.pool_fold(act, case["weights"], out, labels=case["labels"], out_rows=case["out_rows"],
+                       shift=case["shift"], sums=sums if with_stats else None,
+                       sqnorms=sqnorms if with_stats else None, nonfinite=nonfinite, batch_index=5, use=use)
+    return out, sums, sqnorms, int(nonfinite.item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
+def test_compiled_matches_reference(device, dtype, layout):
+    act, case = make_case(device, dtype, layout=layout)
+    expected = run(act, case, "torch")
+    actual = run(act, case, compiled_backend(device))
+    for a, e in zip(actual[:3], expected[:3]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
+    assert actual[3] == expected[3] == _kernels.NO_BAD_BATCH
+    skipped_row = case["out_rows"][3]
+    assert torch.all(actual[0][skipped_row] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,tokens,dim", [(1, 1, 1), (2, 3, 511), (3, 2, 513), (5, 7, 4100)])
+def test_odd_sizes(device, batch, tokens, dim):
+    act, case = make_case(device, torch.float32, batch=batch, tokens=tokens, dim=dim, classes=2, seed=batch)
+    case["labels"] = case["labels"].clamp(min=0)
+    expected = run(act, case, "torch")
+    actual = run(act, case, compiled_backend(device))
+    for a, e in zip(actual[:3], expected[:3]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use", ["torch", "compiled"])
+def test_nan_in_padding_is_never_read_but_nan_in_tokens_is_reported(device, use):
+    use = compiled_backend(device) if use == "compiled" else use
+    act, case = make_case(device, torch.float32)
+    act = act.clone()
+    padding = case["weights"] == 0
+    act[padding] = float("nan")  # e.g. fully masked attention rows
+    out, _, _, bad = run(act, case, use)
+    assert torch.isfinite(out).all() and bad == _kernels.NO_BAD_BATCH
+    act[0, 0, 7] = float("inf")  # a real token
+    _, _, _, bad = run(act, case, use)
+    assert bad == 5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pooling_without_statistics(device):
+    act, case = make_case(device, torch.bfloat16)
+    expected = run(act, case, "torch", with_stats=False)[0]
+    actual = run(act, case, compiled_backend(device), with_stats=False)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_reference_pools_by_hand():
+    """The PyTorch reference itself against an explicit loop."""
+    act, case = make_case("cpu", torch.float64, batch=4, tokens=5, dim=6)
+    out, sums, sqnorms, _ = run(act, case, "torch")
+    a, w = act.numpy(), case["weights"].numpy().astype(np.float64)
+    for b in range(4):
+        label = int(case["labels"][b])
+        row = out[case["out_rows"][b]].numpy()
+        if label < 0:
+            assert np.all(row == 0)
+            continue
+        pooled = sum(w[b, t] * a[b, t] for t in range(5)) / w[b].sum()
+        np.testing.assert_allclose(row, pooled - case["shift"][label].numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_kernels_were_compiled():
+    """CI has nvcc but no GPU: the CUDA code must still have been compiled into the module."""
+    import os
+
+    if os.environ.get("HSVFAST_EXPECT_CUDA_BUILD") != "1":
+        pytest.skip("set HSVFAST_EXPECT_CUDA_BUILD=1 where nvcc is installed (CI does)")
+    assert hsvfast.compiled_with_cuda()
+
+
+def test_backend_names():
+    assert hsvfast.backend() in ("cpp", "torch")
+    assert hsvfast.backend("cpu") == hsvfast.backend()
+    assert hsvfast.backend("meta") == "torch"
+
+
+@requires_cuda
+def test_cuda_kernel_runs_on_current_stream_without_sync():
+    act, case = make_case("cuda", torch.bfloat16, batch=64, tokens=128, dim=1024)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        actual = run(act, case, "cuda")
+    stream.synchronize()
+    expected = run(act, case, "torch")
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-9)
+
+
+def test_rejects_unsupported_input():
+    act = torch.zeros(2, 3, 4, dtype=torch.int32)
+    out = torch.zeros(2, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        _kernels.pool_fold(act, torch.ones(2, 3), out)
+    with pytest.raises(ValueError, match="batch, tokens, hidden"):
+        _kernels.pool_fold(torch.zeros(2, 3), torch.ones(2, 3), out)
+    if _kernels.backend("cpu") == "cpp":
+        with pytest.raises(ValueError, match="weights must be a contiguous torch.float32"):
+            _kernels.pool_fold(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.float64), out)

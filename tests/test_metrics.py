@@ -1,0 +1,104 @@
+"""ν and the trace ratio against independent float64 references on random and adversarial features."""
+import numpy as np
+import pytest
+import torch
+
+import hsvfast
+import reference as ref
+
+
+def gaussian_classes(rng, num_classes, dim, per_class, offset=0.0, spread=1.0, separation=1.0):
+    labels = np.repeat(np.arange(num_classes), per_class)
+    centres = rng.normal(scale=separation, size=(num_classes, dim))
+    features = offset + centres[labels] + spread * rng.normal(size=(len(labels), dim))
+    return features, labels
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5, 11, 20])
+@pytest.mark.parametrize("dim,offset", [(16, 0.0), (128, 1e4), (1024, 1e3)])
+def test_matches_official_formula(num_classes, dim, offset):
+    rng = np.random.default_rng(num_classes * 1000 + dim)
+    features, labels = gaussian_classes(rng, num_classes, dim, per_class=40, offset=offset,
+                                        spread=rng.uniform(0.5, 2.0, size=dim))
+    expected = ref.official_variability(features, labels)
+    assert ref.relative_error(hsvfast.variability(features, labels), expected) <= 1e-6
+    assert ref.relative_error(hsvfast.trace_ratio(features, labels), ref.trace_ratio(features, labels)) <= 1e-9
+
+
+def test_binary_closed_form():
+    rng = np.random.default_rng(0)
+    features, labels = gaussian_classes(rng, 2, 64, per_class=100, offset=3.0)
+    assert ref.relative_error(hsvfast.variability(features, labels), ref.binary_variability(features, labels)) <= 1e-9
+
+
+@pytest.mark.parametrize("case", ["huge_means_tiny_variance", "imbalance", "many_classes", "few_per_class"])
+def test_adversarial(case):
+    rng = np.random.default_rng(7)
+    if case == "huge_means_tiny_variance":
+        # Outlier dimensions: means of 1e4 with within-class std 1e-3 (cancellation bait).
+        features, labels = gaussian_classes(rng, 7, 48, per_class=50, spread=1e-3, separation=1e-2)
+        features[:, :5] += 1e4
+    elif case == "imbalance":
+        labels = np.concatenate([np.zeros(990, int), np.ones(10, int), np.full(100, 2)])
+        features = rng.normal(size=(len(labels), 32)) + labels[:, None] * 0.5
+    elif case == "many_classes":
+        features, labels = gaussian_classes(rng, 77, 96, per_class=12, offset=50.0)
+    else:
+        features, labels = gaussian_classes(rng, 4, 200, per_class=3)  # N < d: Σ_w singular
+    expected = ref.rank_aware_variability(features, labels)
+    assert ref.relative_error(hsvfast.variability(features, labels), expected) <= 1e-6
+    assert ref.relative_error(hsvfast.trace_ratio(features, labels), ref.trace_ratio(features, labels)) <= 1e-8
+
+
+def test_float32_features_lose_nothing_against_float64():
+    rng = np.random.default_rng(3)
+    features, labels = gaussian_classes(rng, 3, 64, per_class=200, offset=100.0)
+    features32 = features.astype(np.float32)
+    expected = ref.official_variability(features32.astype(np.float64), labels)
+    assert ref.relative_error(hsvfast.variability(torch.from_numpy(features32), labels), expected) <= 1e-9
+
+
+def test_invariant_to_translation_scale_rotation():
+    rng = np.random.default_rng(11)
+    features, labels = gaussian_classes(rng, 4, 24, per_class=60)
+    base = hsvfast.variability(features, labels)
+    rotation, _ = np.linalg.qr(rng.normal(size=(24, 24)))
+    transformed = 37.5 * features @ rotation + rng.normal(scale=1e3, size=24)
+    assert ref.relative_error(hsvfast.variability(transformed, labels), base) <= 1e-9
+    assert ref.relative_error(hsvfast.trace_ratio(transformed, labels), hsvfast.trace_ratio(features, labels)) <= 1e-9
+
+
+def test_labels_any_hashable_and_sparse_ids():
+    rng = np.random.default_rng(5)
+    features, labels = gaussian_classes(rng, 3, 10, per_class=30)
+    mapped = np.array([3, 17, 42])[labels]
+    names = [["neg", "neu", "pos"][k] for k in labels]
+    base = hsvfast.variability(features, labels)
+    assert hsvfast.variability(features, mapped) == pytest.approx(base, rel=1e-12)
+    assert hsvfast.variability(features, names) == pytest.approx(base, rel=1e-12)
+
+
+def test_coincident_class_means_give_infinity():
+    features = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    assert hsvfast.variability(features, [0, 0, 1, 1]) == float("inf")
+
+
+@pytest.mark.parametrize(
+    "features,labels,error,match",
+    [
+        (np.ones((4, 3)), np.array([0.5, 1.5, 0.5, 1.5]), TypeError, "Regression targets"),
+        (np.random.default_rng(0).normal(size=(4, 3)), [1, 1, 1, 1], ValueError, "at least two labels"),
+        (np.ones((4, 3)), [0, 1, 0], ValueError, "4 feature rows but 3 labels"),
+        (np.ones(4), [0, 1, 0, 1], ValueError, "matrix"),
+    ],
+)
+def test_bad_feature_input(features, labels, error, match):
+    with pytest.raises(error, match=match):
+        hsvfast.variability(features, labels)
+
+
+def test_nan_features_are_named():
+    features = np.random.default_rng(0).normal(size=(6, 3))
+    features[4, 1] = np.nan
+    with pytest.raises(ValueError, match="layer 0: non-finite"):
+        hsvfast.variability(features, [0, 1, 0, 1, 0, 1])
