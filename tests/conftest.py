@@ -34,3 +34,15 @@ def sst2_dev():
         _missing(f"{path}")
     rows = [line.rstrip("\r\n").split("\t") for line in path.open(encoding="utf-8")][1:]
     return [r[0] for r in rows], [int(r[1]) for r in rows]
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def kernel_backend(request, monkeypatch):
+    """Run a test once on the compiled kernels and once on the pure-PyTorch reference."""
+    from hsvfast import _kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(_kernels, "_FORCE_TORCH", True)
+    elif _kernels.backend("cpu") != "cpp":
+        pytest.fail("the compiled extension hsvfast._C is not importable")
+    return request.param

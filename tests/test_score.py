@@ -1,0 +1,252 @@
+"""hsvfast.score end to end: real MiniLM on SST-2, tiny models of many architectures, bad input."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hsvfast
+import reference as ref
+from tiny_models import DECODERS, DEPTH, ENCODERS, random_batches, tiny_model
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def capture_block_outputs(model, batches):
+    """Every block's output for every batch, captured by our own hooks on a full forward."""
+    blocks = hsvfast.find_blocks(model)
+    captured = [[] for _ in blocks]
+    handles = [
+        block.register_forward_hook(lambda m, a, out, k=k: captured[k].append(
+            (out[0] if isinstance(out, tuple) else out).detach().clone()))
+        for k, block in enumerate(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def reference_features(captured_layer, batches, pooling):
+    feats = []
+    for hidden, batch in zip(captured_layer, batches):
+        feats.append(ref.pool(hidden.numpy(), batch["input_ids"].numpy(), batch["attention_mask"].numpy(),
+                              batch["special_tokens_mask"].numpy(), pooling))
+    return np.concatenate(feats)
+
+
+def all_labels(batches):
+    return np.concatenate([b["labels"].numpy() for b in batches])
+
+
+# ----------------------------------------------------------------------------- real model, real data
+
+
+@pytest.fixture(scope="module")
+def minilm_sst2(minilm_path, sst2_dev):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    texts, labels = sst2_dev
+    order = np.argsort([len(t) for t in texts], kind="stable")  # length-sorted: little padding
+    batches = []
+    for start in range(0, len(order), 64):
+        rows = order[start : start + 64]
+        enc = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=128,
+                        return_tensors="pt", return_special_tokens_mask=True)
+        enc["labels"] = torch.tensor([labels[i] for i in rows])
+        batches.append(dict(enc))
+    with torch.no_grad():
+        hidden = [model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                        output_hidden_states=True).hidden_states for b in batches]
+    return model, tokenizer, batches, hidden
+
+
+@pytest.mark.parametrize("pooling", hsvfast.POOLINGS)
+def test_minilm_sst2_all_layers_match_numpy_reference(minilm_sst2, pooling):
+    model, _, batches, hidden = minilm_sst2
+    report = hsvfast.score(model, batches, pooling=pooling)
+    labels = all_labels(batches)
+    assert report.layers == list(range(6))
+    assert report.num_examples == 872 and report.class_counts == {0: 428, 1: 444}
+    for k in report.layers:
+        # Layer k is block k's output = hidden_states[k + 1] (the embedding output is not scored).
+        features = reference_features([h[k + 1] for h in hidden], batches, pooling)
+        assert ref.relative_error(report.metrics["variability"][k], ref.official_variability(features, labels)) <= 1e-5
+        assert ref.relative_error(report.metrics["trace_ratio"][k], ref.trace_ratio(features, labels)) <= 1e-5
+    values = report.metrics["variability"]
+    assert report.best_layer == report.layers[int(np.argmin(values))]
+
+
+def test_minilm_tokenizer_finds_special_tokens(minilm_sst2):
+    model, tokenizer, batches, _ = minilm_sst2
+    with_mask = hsvfast.score(model, batches[:4], layers=[-1])
+    without = [{k: v for k, v in b.items() if k != "special_tokens_mask"} for b in batches[:4]]
+    with_tokenizer = hsvfast.score(model, without, layers=[-1], tokenizer=tokenizer)
+    assert with_tokenizer.metrics == with_mask.metrics
+
+
+def test_minilm_compiled_and_torch_backends_agree(minilm_sst2, monkeypatch):
+    model, _, batches, _ = minilm_sst2
+    compiled = hsvfast.score(model, batches[:6])
+    from hsvfast import _kernels
+
+    monkeypatch.setattr(_kernels, "_FORCE_TORCH", True)
+    fallback = hsvfast.score(model, batches[:6])
+    assert compiled.backend == "cpp" and fallback.backend == "torch"
+    for name in compiled.metrics:
+        np.testing.assert_allclose(compiled.metrics[name], fallback.metrics[name], rtol=1e-9)
+
+
+def test_report_to_dict_is_json(minilm_sst2):
+    model, _, batches, _ = minilm_sst2
+    report = hsvfast.score(model, batches[:3], layers=[0, -1])
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["layers"] == [0, 5] and data["pooling"] == "mean"
+    assert data["hsvfast_version"] == hsvfast.__version__
+    assert set(data["metrics"]) == {"variability", "trace_ratio"} and data["best_layer"] in (0, 5)
+    assert sum(data["class_counts"].values()) == data["num_examples"] == 192
+    assert "model" in data["model_name"]
+
+
+# --------------------------------------------------------------------- tiny models, many architectures
+
+
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+def test_tiny_models_every_layer_matches_reference(kind, kernel_backend):
+    model = tiny_model(kind)
+    batches = random_batches()
+    report = hsvfast.score(model, batches)
+    captured = capture_block_outputs(model, batches)
+    labels = all_labels(batches)
+    assert report.layers == list(range(DEPTH))
+    for k in range(DEPTH):
+        features = reference_features(captured[k], batches, "mean")
+        assert ref.relative_error(report.metrics["variability"][k], ref.rank_aware_variability(features, labels)) <= 1e-6
+    if kind in ENCODERS:  # the convention: layer k is hidden_states[k + 1]
+        with torch.no_grad():
+            states = model(**{k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask")},
+                           output_hidden_states=True).hidden_states
+        torch.testing.assert_close(states[DEPTH], captured[DEPTH - 1][0])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_forward_stops_after_deepest_layer_and_cleans_up(kind):
+    model = tiny_model(kind).train()
+    blocks = hsvfast.find_blocks(model)
+    calls = [0] * len(blocks)
+    counters = [b.register_forward_pre_hook(lambda m, a, k=k: calls.__setitem__(k, calls[k] + 1))
+                for k, b in enumerate(blocks)]
+    batches = random_batches(num_batches=3)
+    report = hsvfast.score(model, batches, layers=[0, -3])
+    for c in counters:
+        c.remove()
+    assert report.layers == [0, 1]
+    assert calls == [3, 3, 0, 0]  # blocks above the deepest scored one never ran
+    assert all(len(b._forward_hooks) == 0 for b in blocks)
+    assert model.training  # mode restored
+
+
+def test_hooks_removed_and_mode_restored_after_an_error():
+    model = tiny_model("bert").train()
+    batches = random_batches(num_batches=2)
+    batches[1] = {k: v for k, v in batches[1].items() if k != "labels"}
+    with pytest.raises(ValueError, match="batch 1 has no labels"):
+        hsvfast.score(model, batches)
+    assert all(len(b._forward_hooks) == 0 for b in hsvfast.find_blocks(model))
+    assert model.training
+
+
+def test_subset_and_class_counts_give_same_scores():
+    model = tiny_model("bert")
+    batches = random_batches()
+    full = hsvfast.score(model, batches)
+    labels = all_labels(batches)
+    counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    balanced = hsvfast.score(model, batches, layers=[1, 3], class_counts=counts)
+    assert balanced.stats.mode == "balanced"
+    for name in full.metrics:
+        np.testing.assert_allclose(balanced.metrics[name], [full.metrics[name][1], full.metrics[name][3]], rtol=1e-9)
+
+
+def test_label_key_and_string_labels():
+    model = tiny_model("bert")
+    batches = random_batches()
+    renamed = [{**{k: v for k, v in b.items() if k != "labels"},
+                "label": [["a", "b", "c"][i] for i in b["labels"].tolist()]} for b in batches]
+    a, b = hsvfast.score(model, batches), hsvfast.score(model, renamed)
+    assert b.class_counts.keys() == {"a", "b", "c"}
+    np.testing.assert_allclose(a.metrics["variability"], b.metrics["variability"], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def batches_with(**changes):
+    batches = random_batches(num_batches=2)
+    for batch in batches:
+        batch.update(changes)
+    return batches
+
+
+@pytest.mark.parametrize(
+    "batches,kwargs,error,match",
+    [
+        (batches_with(labels=torch.rand(12)), {}, TypeError, "Regression targets"),
+        (batches_with(labels=torch.zeros(12, dtype=torch.long)), {}, ValueError, "at least two labels"),
+        ([], {}, ValueError, "no labelled example"),
+        (random_batches(), {"layers": [7]}, ValueError, "layer 7 does not exist.*0..3"),
+        (random_batches(), {"layers": []}, ValueError, "layers is empty"),
+        (random_batches(), {"pooling": "max"}, ValueError, "unknown pooling 'max'"),
+        ([{k: v for k, v in b.items() if k != "special_tokens_mask"} for b in random_batches()], {},
+         ValueError, "no 'special_tokens_mask' and no tokenizer"),
+        ([(b["input_ids"], b["labels"]) for b in random_batches()], {}, TypeError, "dict batches"),
+        (batches_with(labels=torch.zeros(5, dtype=torch.long)), {}, ValueError, "5 labels for 12 sequences"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(batches, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hsvfast.score(tiny_model("bert"), batches, **kwargs)
+
+
+def test_nan_activations_name_layer_and_batch():
+    model = tiny_model("bert")
+    batches = random_batches(num_batches=3)
+    with torch.no_grad():
+        model.encoder.layer[2].output.dense.bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 2: non-finite \(NaN or Inf\) hidden states in batch 0"):
+        hsvfast.score(model, batches)
+    report = hsvfast.score(model, batches, layers=[0, 1])  # layers below the NaN are fine
+    assert all(np.isfinite(report.metrics["variability"]))
+
+
+def test_sequences_with_nothing_to_pool_are_skipped_and_counted():
+    batches = random_batches(num_batches=2)
+    batches[1]["special_tokens_mask"][4] = 1  # sequence 4 of batch 1: only special tokens
+    model = tiny_model("bert")
+    with pytest.warns(UserWarning, match="skipping sequences with no token to pool"):
+        report = hsvfast.score(model, batches)
+    assert report.num_skipped == 1 and report.num_examples == 23
+    with pytest.raises(ValueError, match="batch 1: 1 sequence"):
+        hsvfast.score(model, batches, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hsvfast.score(model, batches, pooling="mean_all").num_skipped == 0
+
+
+def test_blocks_that_do_not_run_are_detected():
+    model = tiny_model("bert")
+    stray = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    with pytest.raises(RuntimeError, match="blocks="):
+        hsvfast.score(model, random_batches(), blocks=stray)
+
+
+def test_no_block_list_asks_for_blocks():
+    with pytest.raises(ValueError, match="blocks="):
+        hsvfast.score(torch.nn.Linear(3, 3), random_batches())

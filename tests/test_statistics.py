@@ -1,0 +1,157 @@
+"""Invariances of the streaming statistics on fixed token vectors."""
+import numpy as np
+import pytest
+import torch
+
+from hsvfast import Statistics
+from hsvfast.metrics import layer_metrics
+import reference as ref
+
+DIM = 24
+
+
+def corpus(seed=0, n=57, classes=3, max_len=9, offset=1e4):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, size=n)
+    labels = rng.integers(0, classes, size=n)
+    labels[:classes] = np.arange(classes)
+    centres = rng.normal(size=(classes, DIM))
+    tokens = [offset + centres[labels[i]] + rng.normal(scale=0.3, size=(lengths[i], DIM)) for i in range(n)]
+    return tokens, labels
+
+
+def batches(tokens, labels, order, batch_size, padding="right", pad_value=0.0):
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(tokens[i]) for i in rows)
+        act = np.full((len(rows), width, DIM), pad_value)
+        weights = np.zeros((len(rows), width), dtype=np.float32)
+        for r, i in enumerate(rows):
+            length = len(tokens[i])
+            span = slice(0, length) if padding == "right" else slice(width - length, width)
+            act[r, span] = tokens[i]
+            weights[r, span] = 1.0
+        yield torch.from_numpy(act), torch.from_numpy(weights), [int(labels[i]) for i in rows]
+
+
+def accumulate(tokens, labels, order, batch_size, padding="right", dtype=torch.float64, complete=True, **kwargs):
+    stats = Statistics([0, 1], **kwargs)
+    for act, weights, batch_labels in batches(tokens, labels, order, batch_size, padding):
+        plan = stats.plan_batch(batch_labels, np.ones(len(batch_labels), bool))
+        for position in range(2):
+            stats.fold(position, act.to(dtype) * (position + 1), weights, plan)
+        stats.finish_batch(plan)
+    if complete:
+        stats.check_complete()
+    return stats
+
+
+def summary(stats, position=0):
+    moments = stats.class_moments(position)
+    order = np.argsort([repr(label) for label in stats.labels])
+    means = moments["means"][order]
+    result = {
+        "counts": moments["counts"][order],
+        "centred_means": means - means.mean(0),
+        "within_trace": torch.tensor(moments["within_trace"]),
+        **{k: torch.tensor(v) for k, v in layer_metrics(moments).items()},
+    }
+    if moments["within"] is not None:
+        result["within"] = moments["within"]
+    return result
+
+
+def assert_same(a, b, rtol=1e-9):
+    assert a.keys() == b.keys()
+    for key in a:
+        scale = float(a[key].abs().max())
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=rtol * scale, msg=key)
+
+
+def test_matches_reference_on_pooled_features(kernel_backend):
+    tokens, labels = corpus()
+    stats = accumulate(tokens, labels, np.arange(len(labels)), 8)
+    pooled = np.stack([t.mean(0) for t in tokens])
+    for position in range(2):
+        got = layer_metrics(stats.class_moments(position))
+        features = pooled * (position + 1)
+        assert ref.relative_error(got["variability"], ref.rank_aware_variability(features, labels)) <= 1e-9
+        assert ref.relative_error(got["trace_ratio"], ref.trace_ratio(features, labels)) <= 1e-9
+        _, within, _ = ref.class_moments(features, labels)
+        np.testing.assert_allclose(stats.class_moments(position)["within"].numpy(), within, rtol=1e-7,
+                                   atol=1e-9 * np.abs(within).max())
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_batch_size_order_and_padding_do_not_matter(kernel_backend, batch_size):
+    tokens, labels = corpus(seed=1)
+    baseline = summary(accumulate(tokens, labels, np.arange(len(labels)), 7))
+    shuffled = np.random.default_rng(batch_size).permutation(len(labels))
+    assert_same(baseline, summary(accumulate(tokens, labels, shuffled, batch_size)))
+    assert_same(baseline, summary(accumulate(tokens, labels, shuffled, batch_size, padding="left")))
+
+
+def test_split_and_merge(kernel_backend):
+    tokens, labels = corpus(seed=2)
+    order = np.random.default_rng(0).permutation(len(labels))
+    whole = accumulate(tokens, labels, order, 6)
+    parts = [accumulate(tokens, labels, order[k::3], 4) for k in range(3)]
+    merged = parts[2].merge(parts[0]).merge(parts[1])
+    for position in range(2):
+        assert_same(summary(whole, position), summary(merged, position))
+
+
+def test_merge_adopts_classes_missing_from_one_part():
+    tokens, labels = corpus(seed=3)
+    order = np.arange(len(labels))
+    only_zero = order[labels == 0]
+    rest = order[labels != 0]
+    stats_zero = Statistics([0, 1])
+    for act, weights, batch_labels in batches(tokens, labels, only_zero, 5):
+        plan = stats_zero.plan_batch(batch_labels, np.ones(len(batch_labels), bool))
+        for position in range(2):
+            stats_zero.fold(position, act * (position + 1), weights, plan)
+        stats_zero.finish_batch(plan)
+    merged = stats_zero.merge(accumulate(tokens, labels, rest, 5))
+    assert_same(summary(accumulate(tokens, labels, order, 5)), summary(merged))
+
+
+def test_balanced_mode_equals_per_class_mode(kernel_backend):
+    tokens, labels = corpus(seed=4, classes=5)
+    counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    order = np.arange(len(labels))
+    per_class = summary(accumulate(tokens, labels, order, 9))
+    balanced = accumulate(tokens, labels, order, 9, class_counts=counts)
+    assert balanced.mode == "balanced" and balanced.moments[0].second.dim() == 2
+    assert_same(per_class, summary(balanced))
+    halves = [accumulate(tokens, labels, order[k::2], 4, class_counts=counts, complete=False) for k in range(2)]
+    merged = halves[0].merge(halves[1])
+    merged.check_complete()
+    assert_same(per_class, summary(merged))
+
+
+def test_half_precision_activations_match_their_float64_values(kernel_backend):
+    tokens, labels = corpus(seed=5, offset=0.0)
+    order = np.arange(len(labels))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        rounded = [torch.from_numpy(t).to(dtype).double().numpy() for t in tokens]
+        expected = summary(accumulate(rounded, labels, order, 8))
+        assert_same(expected, summary(accumulate(tokens, labels, order, 8, dtype=dtype)))
+
+
+def test_many_classes_without_counts_hits_the_memory_cap():
+    tokens, labels = corpus(seed=6, n=200, classes=40)
+    with pytest.raises(MemoryError, match="class_counts"):
+        accumulate(tokens, labels, np.arange(len(labels)), 50, max_memory=10 * 2 * 8 * DIM * DIM)
+
+
+def test_class_counts_must_match_what_was_seen():
+    tokens, labels = corpus(seed=7)
+    counts = {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+    counts[0] += 1
+    with pytest.raises(ValueError, match="differ from the counts"):
+        accumulate(tokens, labels, np.arange(len(labels)), 8, class_counts=counts)
+    with pytest.raises(ValueError, match="not in class_counts"):
+        accumulate(tokens, labels, np.arange(len(labels)), 8, class_counts={0: 5, 1: 5})
+    with pytest.raises(ValueError, match="positive integers"):
+        Statistics([0], class_counts={0: 0, 1: 3})
