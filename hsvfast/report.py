@@ -64,3 +64,15 @@ class Report:
             "num_examples": self.num_examples,
             "num_skipped": self.num_skipped,
         }
+
+    def to_markdown(self) -> str:
+        """A per-layer table; the best layer (lowest ν) is marked with ◀."""
+        names = [n for n in ("variability", "trace_ratio") if n in self.metrics]
+        names += [n for n in self.metrics if n not in names]
+        best = self.best_layer
+        lines = ["| layer | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        for i, layer in enumerate(self.layers):
+            cells = " | ".join(f"{self.metrics[n][i]:.4g}" for n in names)
+            lines.append(f"| {layer}{' ◀' if layer == best else ''} | {cells} |")
+        return "\n".join(lines)
+
