@@ -97,7 +97,10 @@ void check(cudaError_t status, const char* what) {
 void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_handle) {
   if (a.batch == 0 || a.dim == 0) return;
   if (a.batch > 65535) throw std::invalid_argument("hsvfast: at most 65535 sequences per batch on CUDA");
-  check(cudaSetDevice(device), "cudaSetDevice");
+  // Launch on the activations' device, then give the caller back the device it had.
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const dim3 grid(static_cast<unsigned>((a.dim + kThreads * kItems - 1) / (kThreads * kItems)),
                   static_cast<unsigned>(a.batch));
@@ -108,7 +111,9 @@ void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_han
     case DType::kBFloat16: pool_fold_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(a); break;
     default: throw std::invalid_argument("hsvfast: unsupported activation dtype code");
   }
-  check(cudaGetLastError(), "pool_fold_kernel launch");
+  const cudaError_t launched = cudaGetLastError();
+  if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
+  check(launched, "pool_fold_kernel launch");
 }
 
 }  // namespace hsvfast

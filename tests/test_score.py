@@ -250,3 +250,28 @@ def test_blocks_that_do_not_run_are_detected():
 def test_no_block_list_asks_for_blocks():
     with pytest.raises(ValueError, match="blocks="):
         hsvfast.score(torch.nn.Linear(3, 3), random_batches())
+
+
+class BatchesWithLabelColumn(list):
+    """Stands in for a 🤗 dataset: exposes its label column, as `datasets.Dataset` does."""
+
+    column_names = ["input_ids", "label"]
+
+    def __getitem__(self, key):
+        if key == "label":
+            return torch.cat([b["labels"] for b in self]).tolist()
+        return list.__getitem__(self, key)
+
+
+def test_class_counts_read_from_the_dataset_when_per_class_matrices_do_not_fit():
+    model = tiny_model("bert")
+    batches = random_batches()
+    per_class = hsvfast.score(model, batches)
+    loader = torch.utils.data.DataLoader(BatchesWithLabelColumn(batches), batch_size=None)
+    roomy = hsvfast.score(model, loader)
+    assert roomy.stats.mode == "per_class"
+    tight = hsvfast.score(model, loader, max_memory=2 * 3 * 8 * 32 * 32)  # < 3 classes × 4 layers × d²
+    assert tight.stats.mode == "balanced"
+    np.testing.assert_allclose(tight.metrics["variability"], per_class.metrics["variability"], rtol=1e-9)
+    with pytest.raises(MemoryError, match="class_counts"):
+        hsvfast.score(model, batches, max_memory=2 * 3 * 8 * 32 * 32)
