@@ -11,10 +11,13 @@ by construction, so no round-off direction is ever inverted) and costs O(d²C).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .statistics import ClassMoments
 
 #: Direction of each metric: True when lower values mean a better-specialised layer.
 LOWER_IS_BETTER = {"variability": True, "trace_ratio": True}
@@ -45,8 +48,11 @@ def between_class_directions(means: torch.Tensor):
     return u[:, keep], s[keep]
 
 
-def variability_from_moments(means: torch.Tensor, within: torch.Tensor) -> float:
-    """ν = (1/C) tr(Σ_w Σ_b†) from class means (C×d) and the class-balanced Σ_w (d×d).
+def variability_from_moments(means: torch.Tensor, within_quadratic: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """ν = (1/C) tr(Σ_w Σ_b†) from class means (C×d) and Σ_w as a quadratic form.
+
+    ``within_quadratic(U)`` returns u_kᵀ Σ_w u_k for the columns of U (d×r); passing
+    the form instead of Σ_w keeps the cost at one pass over the second moments.
 
     Returns ``inf`` when all class means coincide (Σ_b = 0): no between-class
     separation at all. (The official code's pinv would return 0 there.)
@@ -54,8 +60,7 @@ def variability_from_moments(means: torch.Tensor, within: torch.Tensor) -> float
     u, s = between_class_directions(means)
     if s.numel() == 0:
         return math.inf
-    projected = ((within @ u) * u).sum(0)  # u_kᵀ Σ_w u_k
-    return float((projected / (s * s)).sum())
+    return float((within_quadratic(u) / (s * s)).sum())
 
 
 def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
@@ -66,11 +71,11 @@ def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
     return math.inf if between_trace == 0.0 else within_trace / between_trace
 
 
-def layer_metrics(moments: Dict[str, Any]) -> Dict[str, float]:
+def layer_metrics(moments: "ClassMoments") -> Dict[str, float]:
     """All metrics of one layer from :meth:`Statistics.class_moments`."""
-    result = {"trace_ratio": trace_ratio_from_moments(moments["means"], moments["within_trace"])}
-    if moments["within"] is not None:
-        result["variability"] = variability_from_moments(moments["means"], moments["within"])
+    result = {"trace_ratio": trace_ratio_from_moments(moments.means, moments.within_trace)}
+    if moments.has_covariance:
+        result["variability"] = variability_from_moments(moments.means, moments.within_quadratic)
     return result
 
 

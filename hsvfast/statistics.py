@@ -325,25 +325,62 @@ class Statistics:
                 )
         self.check_finite()
 
-    def class_moments(self, position: int) -> Dict[str, Any]:
-        """Class counts, means and the paper's class-balanced within-class covariance of one layer.
-
-        Returns a dict with ``counts`` (C,), ``means`` (C, d) relative to the first
-        class's shift (metrics are translation invariant), ``within_trace`` (tr Σ_w)
-        and ``within`` (Σ_w, d×d float64, or None without second moments).
-        """
+    def class_moments(self, position: int) -> "ClassMoments":
+        """Counts, means and the paper's class-balanced within-class covariance of one layer."""
         m = self.moments[position]
         c = self.num_classes
         n = torch.as_tensor(self.counts[:c], dtype=torch.float64, device=m.sums.device)
         centred = m.sums[:c] / n.unsqueeze(1)          # mean of x = h - shift, per class
         means = (m.shift[:c] - m.shift[0]) + centred  # class means, up to a common translation
         within_trace = float(((m.sqnorms[:c] / n) - (centred * centred).sum(1)).sum() / c)
-        within = None
+        second = m.second[:c] if self.mode == "per_class" else m.second
+        return ClassMoments(n, means, centred, within_trace, self.mode, second)
+
+
+@dataclass(frozen=True)
+class ClassMoments:
+    """One layer's class statistics, ready for the metrics (float64 tensors).
+
+    ``means`` (C×d) are the class means up to a common translation (all metrics here
+    are translation invariant); Σ_w is the paper's class-balanced within-class
+    covariance (1/C) Σ_c cov(h | c), available as a quadratic form (cheap: one pass
+    over the second moments) or as a d×d matrix.
+    """
+
+    counts: torch.Tensor
+    means: torch.Tensor
+    centred: torch.Tensor       # per-class mean of the shifted vectors x = h − shift_c
+    within_trace: float         # tr Σ_w
+    mode: str
+    second: Optional[torch.Tensor]
+
+    @property
+    def has_covariance(self) -> bool:
+        return self.mode != "trace"
+
+    def within_quadratic(self, directions: torch.Tensor) -> torch.Tensor:
+        """u_kᵀ Σ_w u_k for each column u_k of ``directions`` (d×r), without forming Σ_w."""
+        c = self.counts.shape[0]
+        projected_means = ((self.centred @ directions) ** 2).sum(0)
         if self.mode == "per_class":
-            within = (torch.einsum("c,cij->ij", 1.0 / n, m.second[:c]) - centred.T @ centred) / c
+            forms = (torch.einsum("cij,jr->cir", self.second, directions) * directions).sum(1)  # (C, r)
+            second = (forms / self.counts.unsqueeze(1)).sum(0)
         elif self.mode == "balanced":
-            within = (m.second - centred.T @ centred) / c
-        return {"counts": n, "means": means, "within": within, "within_trace": within_trace}
+            second = ((self.second @ directions) * directions).sum(0)
+        else:
+            raise ValueError("these statistics were accumulated without second moments")
+        return (second - projected_means) / c
+
+    def within_matrix(self) -> torch.Tensor:
+        """Σ_w as a d×d float64 matrix."""
+        c = self.counts.shape[0]
+        if self.mode == "per_class":
+            scatter = torch.einsum("c,cij->ij", 1.0 / self.counts, self.second)
+        elif self.mode == "balanced":
+            scatter = self.second
+        else:
+            raise ValueError("these statistics were accumulated without second moments")
+        return (scatter - self.centred.T @ self.centred) / c
 
 
 def _merge_layer(mine, theirs, ids, my_counts, their_counts, mode, class_counts, labels) -> None:

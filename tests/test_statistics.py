@@ -49,15 +49,20 @@ def accumulate(tokens, labels, order, batch_size, padding="right", dtype=torch.f
 def summary(stats, position=0):
     moments = stats.class_moments(position)
     order = np.argsort([repr(label) for label in stats.labels])
-    means = moments["means"][order]
+    means = moments.means[order]
     result = {
-        "counts": moments["counts"][order],
+        "counts": moments.counts[order],
         "centred_means": means - means.mean(0),
-        "within_trace": torch.tensor(moments["within_trace"]),
+        "within_trace": torch.tensor(moments.within_trace),
         **{k: torch.tensor(v) for k, v in layer_metrics(moments).items()},
     }
-    if moments["within"] is not None:
-        result["within"] = moments["within"]
+    if moments.has_covariance:
+        result["within"] = moments.within_matrix()
+        directions = torch.linalg.qr(torch.randn(means.shape[1], 3, dtype=torch.float64,
+                                                 generator=torch.Generator().manual_seed(0)))[0]
+        result["within_quadratic"] = moments.within_quadratic(directions)
+        torch.testing.assert_close(result["within_quadratic"],
+                                   ((result["within"] @ directions) * directions).sum(0), rtol=1e-9, atol=0)
     return result
 
 
@@ -78,7 +83,7 @@ def test_matches_reference_on_pooled_features(kernel_backend):
         assert ref.relative_error(got["variability"], ref.rank_aware_variability(features, labels)) <= 1e-9
         assert ref.relative_error(got["trace_ratio"], ref.trace_ratio(features, labels)) <= 1e-9
         _, within, _ = ref.class_moments(features, labels)
-        np.testing.assert_allclose(stats.class_moments(position)["within"].numpy(), within, rtol=1e-7,
+        np.testing.assert_allclose(stats.class_moments(position).within_matrix().numpy(), within, rtol=1e-7,
                                    atol=1e-9 * np.abs(within).max())
 
 

@@ -1,0 +1,1 @@
+"""Baselines hsvfast is measured against (written here from the paper's description; no copied code)."""

