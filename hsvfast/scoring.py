@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import warnings
 from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Sequence
@@ -34,6 +35,7 @@ def score(
     strict: bool = False,
     blocks: Optional[nn.ModuleList] = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    autocast: Optional[bool] = None,
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -60,6 +62,8 @@ def score(
         strict: raise instead of skipping sequences with no token to pool.
         blocks: the model's ``nn.ModuleList`` of blocks, if it cannot be found.
         max_memory: bytes allowed for per-class second moments, all layers together.
+        autocast: run the forward under bfloat16 autocast. Default: on for a float32
+            model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
 
     Returns:
         a :class:`Report` (``report.metrics["variability"]``, ``report.best_layer`` …).
@@ -73,6 +77,10 @@ def score(
         class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory)
     stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory)
     forward_kwargs = _accepted_kwargs(model)
+    if autocast is None:
+        autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    pin = device.type == "cuda"
 
     current: Dict[str, Any] = {}
     deepest = layer_ids[-1]
@@ -122,10 +130,11 @@ def score(
                         warned_empty = True
                 plan = stats.plan_batch(labels, poolable)
                 current["plan"] = plan
-                current["weights"] = weights.to(device, non_blocking=True)
-                inputs = {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS if k in batch}
+                current["weights"] = _to_device(weights, device, pin)
+                inputs = {k: _to_device(batch[k], device, pin) for k in _MODEL_INPUTS if k in batch}
                 try:
-                    model(**inputs, **forward_kwargs)
+                    with precision:
+                        model(**inputs, **forward_kwargs)
                 except StopForward:
                     pass
                 else:
@@ -157,6 +166,15 @@ def score(
         version=__version__,
         stats=stats,
     )
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """Copy a host tensor to the device without blocking the host (pinned staging on CUDA)."""
+    if tensor.device == device:
+        return tensor
+    if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _model_device(model: nn.Module) -> torch.device:
