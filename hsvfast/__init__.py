@@ -13,8 +13,13 @@ from .pooling import POOLINGS
 from .report import Report
 from .scoring import score
 from .statistics import Statistics
+from .planning import Plan, plan
+from .surgery import add_adapters, freeze, truncate
+from .classifier import Classifier
+from .training import apply, evaluate, train
 
 __all__ = [
     "__version__", "score", "variability", "trace_ratio", "backend", "compiled_with_cuda",
     "Report", "Statistics", "find_blocks", "POOLINGS",
+    "Plan", "plan", "truncate", "freeze", "add_adapters", "Classifier", "train", "evaluate", "apply",
 ]

@@ -82,3 +82,33 @@ def block_hidden_states(output: Any) -> torch.Tensor:
     if isinstance(hidden, torch.Tensor):
         return hidden
     raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+
+
+def parent_of(model: nn.Module, target: nn.Module):
+    """(parent module, attribute name) under which ``target`` hangs in ``model``."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is target:
+                return module, name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(model).__name__}")
+
+
+def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Install ``blocks`` as the model's block list and make the config agree with it.
+
+    Per-layer config lists of the old depth (e.g. ``layer_types``) are cut to match.
+    """
+    parent, name = parent_of(model, find_blocks(model))
+    old_depth = configured_depth(model)
+    setattr(parent, name, blocks)
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    for attribute in _DEPTH_ATTRIBUTES:
+        if isinstance(getattr(config, attribute, None), int):
+            setattr(config, attribute, len(blocks))
+            break
+    for attribute, value in list(vars(config).items()):
+        if isinstance(value, list) and old_depth is not None and len(value) == old_depth:
+            setattr(config, attribute, value[: len(blocks)])
+

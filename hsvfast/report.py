@@ -22,6 +22,8 @@ class Report:
         model_name: the model's ``name_or_path`` when it has one.
         num_examples: sequences scored; num_skipped: sequences with no token to pool.
         backend: implementation that pooled the activations (``cpp``, ``cuda``, ``torch``).
+        version: the hsvfast version that made the report.
+        num_blocks: how many transformer blocks the model has (scored or not).
         stats: the underlying :class:`hsvfast.Statistics` (not serialised).
     """
 
@@ -34,7 +36,27 @@ class Report:
     num_skipped: int
     backend: str
     version: str
+    num_blocks: Optional[int] = None
     stats: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Report":
+        """Rebuild a report from :meth:`to_dict` output (labels come back as strings; no stats)."""
+        def value(v: Optional[float]) -> float:
+            return math.inf if v is None else float(v)
+
+        return cls(
+            layers=list(data["layers"]),
+            metrics={name: [value(v) for v in values] for name, values in data["metrics"].items()},
+            class_counts=dict(data["class_counts"]),
+            pooling=data["pooling"],
+            model_name=data.get("model_name"),
+            num_examples=int(data["num_examples"]),
+            num_skipped=int(data.get("num_skipped", 0)),
+            backend=data.get("backend", "unknown"),
+            version=data.get("hsvfast_version", "unknown"),
+            num_blocks=data.get("num_blocks"),
+        )
 
     @property
     def best_layer(self) -> int:
@@ -57,6 +79,7 @@ class Report:
             "model_name": self.model_name,
             "pooling": self.pooling,
             "backend": self.backend,
+            "num_blocks": self.num_blocks,
             "layers": list(self.layers),
             "best_layer": self.best_layer,
             "metrics": {name: [clean(v) for v in values] for name, values in self.metrics.items()},

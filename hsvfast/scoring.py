@@ -164,6 +164,7 @@ def score(
         num_skipped=stats.num_skipped,
         backend=_kernels.backend(device),
         version=__version__,
+        num_blocks=len(blocks),
         stats=stats,
     )
 

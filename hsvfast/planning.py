@@ -1,0 +1,116 @@
+"""From scores to a plan: where the classifier goes, which layers are tuned, frozen, dropped.
+
+Rules for the head layer ℓ* (the paper does not state its own; argmin is the natural reading):
+
+* ``"argmin"`` — the layer with the lowest ν.
+* ``"earliest"`` — the shallowest layer whose ν is within ``tolerance`` (relative) of the minimum:
+  ν(ℓ) ≤ min ν · (1 + tolerance). About as specialised, and cheaper: more layers are dropped.
+
+Then, as in the paper's Fig. 2: layers above ℓ* are dropped (for training and inference), the
+``num_tuned`` layers ending at ℓ* are tuned, and the layers below them are frozen.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from torch import nn
+
+from .layers import find_blocks
+from .report import Report
+
+RULES = ("argmin", "earliest")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to build: the head at ``head_layer``, ``tuned_layers`` trained, the rest frozen or dropped.
+
+    ``flops_fraction`` is the fraction of the blocks' forward FLOPs kept, (ℓ*+1)/L (embeddings and
+    head are negligible next to the blocks). ``trainable_parameters`` counts the tuned blocks'
+    parameters when the plan was made with the model at hand (the classifier head comes on top).
+    """
+
+    head_layer: int
+    tuned_layers: List[int]
+    frozen_layers: List[int]
+    dropped_layers: List[int]
+    num_blocks: int
+    rule: str
+    tolerance: float
+    flops_fraction: float
+    trainable_parameters: Optional[int] = None
+    model_name: Optional[str] = None
+    scores: Dict[str, List[Optional[float]]] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Plan":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"not a hsvfast plan: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: "str | Path") -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Plan":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def plan(
+    report: Report,
+    num_tuned: int = 2,
+    rule: str = "argmin",
+    tolerance: float = 0.05,
+    model: Optional[nn.Module] = None,
+) -> Plan:
+    """Turn a :class:`Report` into a :class:`Plan` (see the module docstring for the rules)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    if "variability" not in report.metrics:
+        raise ValueError("the report has no 'variability' scores to plan from")
+    scored = [(v, layer) for v, layer in zip(report.metrics["variability"], report.layers) if not math.isnan(v)]
+    if not scored:
+        raise ValueError("no layer has a defined variability")
+    best = min(v for v, _ in scored)
+    if rule == "argmin":
+        head = min(scored)[1]
+    else:
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        head = min(layer for v, layer in scored if v <= best * (1 + tolerance))
+    num_blocks = report.num_blocks or max(report.layers) + 1
+    if not isinstance(num_tuned, int) or num_tuned < 0:
+        raise ValueError(f"num_tuned must be a non-negative integer, got {num_tuned!r}")
+    if num_tuned > head + 1:
+        raise ValueError(
+            f"num_tuned={num_tuned} is more than the {head + 1} layers at and below the head layer {head}; "
+            f"pass num_tuned <= {head + 1}"
+        )
+    tuned = list(range(head - num_tuned + 1, head + 1))
+    trainable = None
+    if model is not None:
+        blocks = find_blocks(model)
+        trainable = sum(p.numel() for k in tuned for p in blocks[k].parameters())
+    return Plan(
+        head_layer=head,
+        tuned_layers=tuned,
+        frozen_layers=list(range(0, head - num_tuned + 1)),
+        dropped_layers=list(range(head + 1, num_blocks)),
+        num_blocks=num_blocks,
+        rule=rule,
+        tolerance=tolerance,
+        flops_fraction=(head + 1) / num_blocks,
+        trainable_parameters=trainable,
+        model_name=report.model_name,
+        scores={"layers": list(report.layers), "variability": [v if math.isfinite(v) else None
+                                                               for v in report.metrics["variability"]]},
+    )

@@ -1,0 +1,180 @@
+"""Model surgery for the plan: truncate above the head layer, freeze, add adapters.
+
+All of it finds the blocks generically (:func:`hsvfast.find_blocks`), so the same calls work for
+encoders (BERT, RoBERTa, DistilBERT, ELECTRA …) and decoder LMs (GPT-2, Llama, Qwen2 …).
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .layers import find_blocks, parent_of, set_depth
+
+ADAPTER_KINDS = ("sequential", "lora")
+ADAPTER_INITS = ("bert", "zero")
+
+
+def truncate(model: nn.Module, head_layer: int) -> nn.Module:
+    """Remove the blocks above ``head_layer`` (in place; config updated) and return the model.
+
+    Afterwards the model's last block is block ``head_layer``: its output is what the paper puts
+    the classifier on. For decoders the model's final norm, if any, still follows it.
+    """
+    blocks = find_blocks(model)
+    if isinstance(head_layer, bool) or not isinstance(head_layer, int) or not 0 <= head_layer < len(blocks):
+        raise ValueError(
+            f"head_layer {head_layer!r} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
+    set_depth(model, nn.ModuleList(list(blocks)[: head_layer + 1]))
+    return model
+
+
+def _check_layers(layers: Iterable[int], num_blocks: int, what: str) -> List[int]:
+    layers = sorted(set(layers))
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_blocks:
+            raise ValueError(f"{what}: layer {layer!r} does not exist (the model has blocks 0..{num_blocks - 1})")
+    return layers
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm", "Norm"))
+
+
+def freeze(model: nn.Module, tuned_layers: Sequence[int], train_norms: bool = True,
+           train_blocks: bool = True) -> nn.Module:
+    """Freeze every parameter except those of the blocks in ``tuned_layers``.
+
+    ``train_blocks=False`` keeps even the tuned blocks frozen (adapter tuning), so that only their
+    norm layers (``train_norms``) and any hsvfast adapters train. Adapters are always trainable.
+    """
+    blocks = find_blocks(model)
+    tuned = _check_layers(tuned_layers, len(blocks), "freeze")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for k in tuned:
+        for module in blocks[k].modules():
+            own = list(module.parameters(recurse=False))
+            trainable = train_blocks or (train_norms and _is_norm(module))
+            for parameter in own:
+                parameter.requires_grad_(trainable)
+    for module in model.modules():
+        if isinstance(module, BottleneckAdapter):
+            module.requires_grad_(True)
+    return model
+
+
+class BottleneckAdapter(nn.Module):
+    """Sequential bottleneck adapter (He et al. 2022, as the paper uses): x + up(ReLU(down(x)))."""
+
+    def __init__(self, hidden_size: int, bottleneck: int, init: str = "bert") -> None:
+        super().__init__()
+        if init not in ADAPTER_INITS:
+            raise ValueError(f"unknown adapter init {init!r}; choose one of {', '.join(ADAPTER_INITS)}")
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden_size)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, mean=0.0, std=0.02)  # BERT-style
+            nn.init.zeros_(layer.bias)
+        if init == "zero":  # identity at the start: the model's output is unchanged
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.relu(self.down(x)))
+
+
+class AdaptedProjection(nn.Module):
+    """A projection followed by an adapter: where the residual add and LayerNorm come next."""
+
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        return self.adapter(self.base(*args, **kwargs))
+
+
+def _linear_shape(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) of nn.Linear and GPT-2's Conv1D; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return tuple(module.weight.shape)  # Conv1D stores (in, out)
+    return None
+
+
+def adapter_sites(block: nn.Module, hidden_size: int) -> Tuple[str, str]:
+    """Names of the attention output projection and the FFN output projection in a block.
+
+    The attention output is the last projection to ``hidden_size`` inside the attention submodule
+    (``attention.output.dense``, ``out_lin``, ``attn.c_proj``, ``self_attn.o_proj``); the FFN output is
+    the last projection to ``hidden_size`` outside it (``output.dense``, ``lin2``, ``mlp.c_proj``,
+    ``mlp.down_proj``).
+    """
+    attention, ffn = None, None
+    for name, module in block.named_modules():
+        shape = _linear_shape(module)
+        if shape is None or shape[1] != hidden_size:
+            continue
+        if any(part in name.lower() for part in ("attn", "attention")):
+            attention = name
+        else:
+            ffn = name
+    if attention is None or ffn is None:
+        raise ValueError(
+            f"could not find the attention output and FFN output projections in {type(block).__name__} "
+            f"(hidden size {hidden_size}); use kind='lora' or add adapters by hand"
+        )
+    return attention, ffn
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "dim", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
+
+
+def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256, kind: str = "sequential",
+                 init: str = "bert", **lora_options) -> nn.Module:
+    """Add the paper's adapters to ``layers`` and return the model.
+
+    ``kind="sequential"``: a bottleneck adapter after the attention output projection and one after
+    the FFN output, each before its residual add and LayerNorm (in place). ``init="bert"`` draws
+    weights from normal(0, 0.02) with zero biases (the paper's); ``init="zero"`` also zeroes the
+    up-projection so the model starts out unchanged.
+    ``kind="lora"``: LoRA through PEFT (``pip install peft``) on the linear layers of ``layers``;
+    returns PEFT's wrapped model. ``lora_options`` go to ``LoraConfig`` (e.g. ``r=8``).
+    """
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
+    blocks = find_blocks(model)
+    layers = _check_layers(layers, len(blocks), "add_adapters")
+    if kind == "lora":
+        return _add_lora(model, blocks, layers, **lora_options)
+    hidden = hidden_size_of(model)
+    reference = next(model.parameters())
+    for k in layers:
+        for site in adapter_sites(blocks[k], hidden):
+            projection = blocks[k].get_submodule(site)
+            parent, name = parent_of(blocks[k], projection)
+            adapter = BottleneckAdapter(hidden, bottleneck, init).to(device=reference.device, dtype=reference.dtype)
+            setattr(parent, name, AdaptedProjection(projection, adapter))
+    return model
+
+
+def _add_lora(model: nn.Module, blocks: nn.ModuleList, layers: List[int], **options) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("kind='lora' needs PEFT: pip install peft (or hsvfast[lora])") from error
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if _linear_shape(m)})
+    _, list_name = parent_of(model, blocks)
+    config = LoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=list_name,
+                        **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
+    return get_peft_model(model, config)

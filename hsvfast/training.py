@@ -1,0 +1,131 @@
+"""Training the planned model: ``train`` (AdamW, linear warm-up/decay, best epoch kept) and ``apply``."""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .classifier import Classifier
+from .planning import Plan
+from .surgery import add_adapters, freeze, truncate
+
+METHODS = ("finetune", "adapter", "lora")
+_MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
+
+
+def apply(model: nn.Module, plan: Plan, num_labels: int, method: str = "finetune", bottleneck: int = 256,
+          pooling: str = "mean", tokenizer: Any = None, init: str = "bert", train_norms: bool = True) -> Classifier:
+    """Carry out a plan on ``model`` (in place) and return a :class:`Classifier` ready to train.
+
+    Truncates above ``plan.head_layer``, then ``method``:
+
+    * ``"finetune"`` — the tuned layers train, everything below is frozen;
+    * ``"adapter"`` — sequential bottleneck adapters in the tuned layers; adapters, the tuned
+      layers' norms (``train_norms``) and the head train (the paper's adapter setup);
+    * ``"lora"`` — LoRA (PEFT) on the tuned layers.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    truncate(model, plan.head_layer)
+    if method == "finetune":
+        freeze(model, plan.tuned_layers, train_norms=train_norms)
+        backbone = model
+    elif method == "adapter":
+        add_adapters(model, plan.tuned_layers, bottleneck=bottleneck, init=init)
+        freeze(model, plan.tuned_layers, train_norms=train_norms, train_blocks=False)
+        backbone = model
+    else:
+        freeze(model, [], train_norms=False)
+        backbone = add_adapters(model, plan.tuned_layers, kind="lora")
+    return Classifier(backbone, num_labels, pooling=pooling, tokenizer=tokenizer)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def evaluate(classifier: Classifier, loader: Iterable[Dict[str, Any]], device: torch.device) -> Dict[str, float]:
+    """Accuracy and Matthews correlation (the CoLA metric) of the classifier on a loader."""
+    classifier.eval()
+    predictions, truth = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            inputs = {k: batch[k].to(device) for k in _MODEL_KEYS if k in batch}
+            predictions.append(classifier(**inputs).logits.argmax(-1).cpu())
+            truth.append(torch.as_tensor(batch["labels"]))
+    predicted, expected = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
+    return {"accuracy": float((predicted == expected).mean()), "mcc": _matthews(predicted, expected)}
+
+
+def _matthews(predicted: np.ndarray, expected: np.ndarray) -> float:
+    classes = np.union1d(predicted, expected)
+    confusion = np.zeros((len(classes), len(classes)))
+    for p, e in zip(np.searchsorted(classes, predicted), np.searchsorted(classes, expected)):
+        confusion[e, p] += 1
+    t, p, c, s = confusion.sum(1), confusion.sum(0), np.trace(confusion), confusion.sum()
+    denominator = math.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denominator) if denominator else 0.0
+
+
+def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
+          eval_loader: Optional[Iterable[Dict[str, Any]]] = None, epochs: int = 3, lr: float = 3e-4,
+          warmup: float = 0.06, weight_decay: float = 0.0, seed: int = 0, device: "str | torch.device | None" = None,
+          metric: str = "accuracy", checkpoint_dir: "str | Path | None" = None, progress: bool = True) -> List[Dict]:
+    """Train with AdamW and a linear warm-up/decay schedule; evaluate each epoch; keep the best.
+
+    The best epoch's trainable weights (by ``metric`` on ``eval_loader``; the last epoch without
+    one) are saved as safetensors in ``checkpoint_dir`` (a temporary folder by default) and loaded
+    back at the end. Returns one dict per epoch: ``epoch``, ``train_loss``, ``seconds`` and the
+    evaluation metrics.
+    """
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    device = torch.device(device) if device is not None else next(classifier.parameters()).device
+    classifier.to(device)
+    parameters = [p for p in classifier.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the classifier has no trainable parameters")
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    steps = epochs * len(train_loader)
+    warm = max(1, int(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm)))
+    folder = Path(checkpoint_dir) if checkpoint_dir else Path(tempfile.mkdtemp(prefix="hsvfast-train-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    best_path = folder / "best.safetensors"
+    history, best = [], -math.inf
+    trainable_names = [n for n, p in classifier.named_parameters() if p.requires_grad]
+    for epoch in range(epochs):
+        classifier.train()
+        began, losses = time.perf_counter(), []
+        batches = train_loader
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for batch in batches:
+            inputs = {k: batch[k].to(device) for k in _MODEL_KEYS if k in batch}
+            loss = classifier(**inputs, labels=torch.as_tensor(batch["labels"]).to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss))
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - began}
+        if eval_loader is not None:
+            record.update(evaluate(classifier, eval_loader, device))
+        history.append(record)
+        score = record.get(metric, epoch)
+        if score > best:
+            best = score
+            state = dict(classifier.named_parameters())
+            save_file({n: state[n].detach().cpu().contiguous() for n in trainable_names}, str(best_path))
+    classifier.load_state_dict(load_file(str(best_path)), strict=False)
+    return history

@@ -1,0 +1,215 @@
+"""Plan, truncate, freeze, adapters, classifier and training on tiny BERT and Llama models."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hsvfast
+from hsvfast.surgery import BottleneckAdapter, adapter_sites
+from tiny_models import DEPTH, HIDDEN, random_batches, tiny_model
+
+KINDS = ["bert", "llama", "gpt2", "distilbert"]
+
+
+def inputs_of(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def block_outputs(model, batch):
+    captured = []
+    handles = [b.register_forward_hook(lambda m, a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+               for b in hsvfast.find_blocks(model)]
+    with torch.no_grad():
+        model(**inputs_of(batch))
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def fake_report(values, num_blocks=None):
+    return hsvfast.Report(layers=list(range(len(values))), metrics={"variability": values,
+                          "trace_ratio": values}, class_counts={0: 5, 1: 5}, pooling="mean", model_name="m",
+                          num_examples=10, num_skipped=0, backend="cpp", version="x", num_blocks=num_blocks)
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_rules_and_layers():
+    report = fake_report([3.0, 1.04, 1.02, 1.0, 1.5, 2.0])
+    p = hsvfast.plan(report, num_tuned=2)
+    assert (p.head_layer, p.tuned_layers, p.frozen_layers, p.dropped_layers) == (3, [2, 3], [0, 1], [4, 5])
+    assert p.flops_fraction == pytest.approx(4 / 6)
+    early = hsvfast.plan(report, num_tuned=1, rule="earliest", tolerance=0.05)
+    assert (early.head_layer, early.tuned_layers, early.dropped_layers) == (1, [1], [2, 3, 4, 5])
+    assert hsvfast.plan(report, rule="earliest", tolerance=0.03).head_layer == 2
+
+
+def test_plan_counts_trainable_parameters_and_round_trips(tmp_path):
+    model = tiny_model("bert")
+    report = hsvfast.score(model, random_batches())
+    p = hsvfast.plan(report, num_tuned=1, model=model)
+    block = hsvfast.find_blocks(model)[p.head_layer]
+    assert p.trainable_parameters == sum(x.numel() for x in block.parameters())
+    p.save(tmp_path / "plan.json")
+    assert hsvfast.Plan.load(tmp_path / "plan.json") == p
+    json.loads((tmp_path / "plan.json").read_text())
+    report_again = hsvfast.Report.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert hsvfast.plan(report_again, num_tuned=1).head_layer == p.head_layer
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_tuned": 3}, "num_tuned=3 is more than the 2 layers"),
+    ({"rule": "best"}, "unknown rule 'best'"),
+    ({"num_tuned": -1}, "non-negative"),
+])
+def test_plan_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hsvfast.plan(fake_report([2.0, 1.0, 3.0, 4.0]), **kwargs)
+
+
+def test_plan_file_must_be_a_plan(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"head_layer": 1, "colour": "red"}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        hsvfast.Plan.load(tmp_path / "x.json")
+
+
+# --------------------------------------------------------------------------------------- truncate
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncation_keeps_the_hidden_states_of_kept_layers(kind):
+    batch = random_batches(num_batches=1)[0]
+    full = block_outputs(tiny_model(kind), batch)
+    model = hsvfast.truncate(tiny_model(kind), 1)
+    assert len(hsvfast.find_blocks(model)) == 2
+    kept = block_outputs(model, batch)
+    assert len(kept) == 2
+    for a, b in zip(kept, full[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if kind in ("bert", "distilbert"):
+        with torch.no_grad():
+            last = model(**inputs_of(batch)).last_hidden_state
+        torch.testing.assert_close(last, full[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("head", [-1, DEPTH, 1.5])
+def test_truncate_refuses_layers_out_of_range(head):
+    with pytest.raises(ValueError, match="out of range"):
+        hsvfast.truncate(tiny_model("bert"), head)
+
+
+# ---------------------------------------------------------------------------------------- freeze
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_frozen_parameters_do_not_change_and_tuned_ones_do(kind):
+    model = hsvfast.truncate(tiny_model(kind), 2)
+    hsvfast.freeze(model, [2])
+    classifier = hsvfast.Classifier(model, num_labels=3)
+    before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in classifier.parameters() if p.requires_grad], lr=0.5)
+    batch = random_batches(num_batches=1)[0]
+    classifier.train()
+    classifier(**{k: batch[k] for k in ("input_ids", "attention_mask", "special_tokens_mask")},
+               labels=batch["labels"]).loss.backward()
+    optimizer.step()
+    for name, parameter in classifier.named_parameters():
+        changed = not torch.equal(before[name], parameter)
+        tuned = ".2." in name or name.startswith("head.")
+        assert parameter.requires_grad == tuned, name
+        if not tuned:
+            assert not changed, name
+    assert any(not torch.equal(before[n], p) for n, p in classifier.named_parameters() if ".2." in n)
+
+
+def test_freeze_refuses_unknown_layers():
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        hsvfast.freeze(tiny_model("bert"), [9])
+
+
+# -------------------------------------------------------------------------------------- adapters
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_init_adapters_leave_the_output_unchanged(kind):
+    batch = random_batches(num_batches=1)[0]
+    model = tiny_model(kind)
+    with torch.no_grad():
+        before = model(**inputs_of(batch)).last_hidden_state
+    hsvfast.add_adapters(model, [1, 3], bottleneck=8, init="zero")
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert len(adapters) == 4
+    with torch.no_grad():
+        after = model(**inputs_of(batch)).last_hidden_state
+    assert float((after - before).abs().max()) <= 1e-6
+
+
+def test_adapter_sites_are_the_papers():
+    expected = {"bert": ("attention.output.dense", "output.dense"), "distilbert": ("attention.out_lin", "ffn.lin2"),
+                "gpt2": ("attn.c_proj", "mlp.c_proj"), "llama": ("self_attn.o_proj", "mlp.down_proj")}
+    for kind, sites in expected.items():
+        assert adapter_sites(hsvfast.find_blocks(tiny_model(kind))[0], HIDDEN) == sites
+
+
+def test_bert_init_is_normal_002_with_zero_bias():
+    adapter = BottleneckAdapter(512, 256, init="bert")
+    for layer in (adapter.down, adapter.up):
+        assert float(layer.weight.detach().std()) == pytest.approx(0.02, rel=0.02)
+        assert abs(float(layer.weight.detach().mean())) < 1e-3
+        assert torch.all(layer.bias == 0)
+
+
+def test_adapter_training_touches_only_adapters_norms_and_head():
+    model = tiny_model("bert")
+    p = hsvfast.plan(fake_report([3.0, 2.0, 1.0, 1.5], num_blocks=DEPTH), num_tuned=2)
+    classifier = hsvfast.apply(model, p, num_labels=3, method="adapter", bottleneck=8)
+    for name, parameter in classifier.named_parameters():
+        expected = "adapter" in name or name.startswith("head.") or (
+            "LayerNorm" in name and any(f"layer.{k}." in name for k in p.tuned_layers))
+        assert parameter.requires_grad == expected, name
+    assert len(hsvfast.find_blocks(classifier.backbone)) == 3
+
+
+def test_apply_refuses_unknown_method_and_kind():
+    p = hsvfast.plan(fake_report([3.0, 1.0, 2.0, 2.5], num_blocks=DEPTH), num_tuned=1)
+    with pytest.raises(ValueError, match="unknown method 'prune'"):
+        hsvfast.apply(tiny_model("bert"), p, num_labels=2, method="prune")
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        hsvfast.add_adapters(tiny_model("bert"), [0], kind="parallel")
+
+
+def test_lora_through_peft():
+    pytest.importorskip("peft", reason="kind='lora' is an optional extra (pip install peft)")
+    model = hsvfast.add_adapters(tiny_model("bert"), [2], kind="lora")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n and ".2." in n for n in names)
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def test_train_keeps_the_best_epoch_and_reports_history(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    p = hsvfast.plan(fake_report([3.0, 2.0, 1.0, 1.5], num_blocks=DEPTH), num_tuned=2)
+    classifier = hsvfast.apply(model, p, num_labels=3)
+    train_batches, eval_batches = random_batches(num_batches=4, seed=1), random_batches(num_batches=2, seed=2)
+    history = hsvfast.train(classifier, train_batches, eval_batches, epochs=3, lr=1e-3, checkpoint_dir=tmp_path,
+                            progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(math.isfinite(h["train_loss"]) and 0 <= h["accuracy"] <= 1 for h in history)
+    assert (tmp_path / "best.safetensors").exists()
+    final = hsvfast.evaluate(classifier, eval_batches, torch.device("cpu"))
+    assert final["accuracy"] == pytest.approx(max(h["accuracy"] for h in history))
+
+
+def test_classifier_output_works_like_a_transformers_model():
+    classifier = hsvfast.Classifier(tiny_model("llama"), num_labels=2)
+    batch = random_batches(num_batches=1, classes=2)[0]
+    out = classifier(**batch)
+    assert out.logits.shape == (12, 2) and out.loss.dim() == 0
+    with pytest.raises(ValueError, match="num_labels"):
+        hsvfast.Classifier(tiny_model("bert"), num_labels=1)
