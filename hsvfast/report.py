@@ -24,6 +24,7 @@ class Report:
         backend: implementation that pooled the activations (``cpp``, ``cuda``, ``torch``).
         version: the hsvfast version that made the report.
         num_blocks: how many transformer blocks the model has (scored or not).
+        task: what was scored (e.g. the data file), for titles and tables.
         stats: the underlying :class:`hsvfast.Statistics` (not serialised).
     """
 
@@ -37,6 +38,7 @@ class Report:
     backend: str
     version: str
     num_blocks: Optional[int] = None
+    task: Optional[str] = None
     stats: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -56,6 +58,7 @@ class Report:
             backend=data.get("backend", "unknown"),
             version=data.get("hsvfast_version", "unknown"),
             num_blocks=data.get("num_blocks"),
+            task=data.get("task"),
         )
 
     @property
@@ -79,6 +82,7 @@ class Report:
             "model_name": self.model_name,
             "pooling": self.pooling,
             "backend": self.backend,
+            "task": self.task,
             "num_blocks": self.num_blocks,
             "layers": list(self.layers),
             "best_layer": self.best_layer,
@@ -98,4 +102,22 @@ class Report:
             cells = " | ".join(f"{self.metrics[n][i]:.4g}" for n in names)
             lines.append(f"| {layer}{' ◀' if layer == best else ''} | {cells} |")
         return "\n".join(lines)
+
+    def to_csv(self) -> str:
+        """One row per layer: layer, each metric, and whether it is the best layer."""
+        names = list(self.metrics)
+        best = self.best_layer
+        lines = [",".join(["layer", *names, "best"])]
+        for i, layer in enumerate(self.layers):
+            lines.append(",".join([str(layer), *(repr(float(self.metrics[n][i])) for n in names), str(layer == best)]))
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: "str | None" = None, ax: Any = None):
+        """ν per layer (log scale) with the trace ratio on a second axis and ℓ* marked.
+
+        Writes a PNG to ``path`` when given; returns the matplotlib figure. Needs matplotlib.
+        """
+        from .plotting import plot_report
+
+        return plot_report(self, path, ax)
 

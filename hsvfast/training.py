@@ -117,7 +117,7 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - began}
         if eval_loader is not None:
             record.update(evaluate(classifier, eval_loader, device))

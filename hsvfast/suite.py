@@ -1,0 +1,148 @@
+"""Benchmark suites: score every (model, task) of a suite file, resumable, with combined tables.
+
+A suite file (TOML) has optional ``[defaults]`` (``max_length``, ``batch_size``, ``pooling``) and
+``[[task]]`` entries: ``name``, ``file`` (relative to the data folder), ``text_column``,
+``text_pair_column``, ``label_column`` (names, or 0-based positions with ``header = false``),
+optional ``labels = { name = id, ... }`` (a label mapping) and ``limit`` (first N rows).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+from .report import Report
+
+SHIPPED = {"glue": Path(__file__).parent / "suites" / "glue.toml"}
+_TASK_KEYS = {"name", "file", "text_column", "text_pair_column", "label_column", "header", "labels", "limit", "split"}
+
+
+@dataclass
+class Task:
+    name: str
+    file: str
+    text_column: Any = None
+    text_pair_column: Any = None
+    label_column: Any = None
+    header: Optional[bool] = None
+    labels: Dict[str, Any] = field(default_factory=dict)
+    limit: Optional[int] = None
+    split: Optional[str] = None
+
+
+@dataclass
+class Suite:
+    tasks: List[Task]
+    max_length: int = 128
+    batch_size: int = 64
+    pooling: str = "mean"
+
+
+def load_suite(path: "str | Path") -> Suite:
+    """Read a suite file (or the name of a shipped one: ``glue``)."""
+    path = SHIPPED.get(str(path), Path(path))
+    if not Path(path).is_file():
+        raise ValueError(f"suite file {path} does not exist (shipped suites: {', '.join(SHIPPED)})")
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from error
+    tasks = []
+    for entry in data.get("task", []):
+        unknown = set(entry) - _TASK_KEYS
+        if unknown or "name" not in entry or "file" not in entry:
+            raise ValueError(f"{path}: task {entry.get('name', '?')!r} needs 'name' and 'file'"
+                             + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
+        tasks.append(Task(**entry))
+    if not tasks:
+        raise ValueError(f"{path}: no [[task]] entries")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: task names repeat: {names}")
+    return Suite(tasks=tasks, **{k: v for k, v in data.get("defaults", {}).items()
+                                 if k in ("max_length", "batch_size", "pooling")})
+
+
+def slug(name: str) -> str:
+    """A folder-safe name for a model path or hub name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").split("/")[-1] if Path(name).exists() else name)
+
+
+def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_dir: "str | Path",
+              score_task: Callable[[str, Task, Suite, Path], Report], log: Callable[[str], None] = print
+              ) -> Dict[tuple, Report]:
+    """Score every (model, task) not already in ``out_dir``; write the combined tables and grid plot.
+
+    ``score_task(model, task, suite, data_file)`` does the scoring (the CLI passes one that loads
+    each model once). Finished pairs are written as ``out_dir/<model>/<task>.json`` right away, so
+    an interrupted suite resumes where it stopped.
+    """
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    reports: Dict[tuple, Report] = {}
+    for model in models:
+        for task in suite.tasks:
+            target = out_dir / slug(model) / f"{task.name}.json"
+            if target.exists():
+                try:
+                    reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
+                    log(f"{slug(model)} / {task.name}: done before, skipped")
+                    continue
+                except (ValueError, KeyError, json.JSONDecodeError):
+                    log(f"{slug(model)} / {task.name}: unreadable earlier result, scoring again")
+            report = score_task(model, task, suite, data_dir / task.file)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(report.to_dict(), indent=2))
+            temporary.replace(target)  # atomic: a killed run never leaves half a result
+            reports[(model, task.name)] = report
+            log(f"{slug(model)} / {task.name}: ℓ* = {report.best_layer}")
+    write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
+    return reports
+
+
+def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[str], out_dir: Path) -> None:
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["model", "task", "layer", "variability", "trace_ratio", "best"])
+    markdown = []
+    for model in models:
+        scored = [reports[(model, t)] for t in tasks if (model, t) in reports]
+        if not scored:
+            continue
+        layers = sorted({layer for r in scored for layer in r.layers})
+        markdown += [f"### {slug(model)}", "", "ν per layer; ◀ marks ℓ* (lowest ν).", "",
+                     "| task | " + " | ".join(str(layer) for layer in layers) + " | ℓ* |",
+                     "|---|" + "---:|" * (len(layers) + 1)]
+        for task in tasks:
+            report = reports.get((model, task))
+            if report is None:
+                continue
+            nu = dict(zip(report.layers, report.metrics["variability"]))
+            trace = dict(zip(report.layers, report.metrics["trace_ratio"]))
+            cells = []
+            for layer in layers:
+                if layer in nu:
+                    writer.writerow([slug(model), task, layer, nu[layer], trace[layer], layer == report.best_layer])
+                    cells.append(f"{nu[layer]:.4g}{' ◀' if layer == report.best_layer else ''}")
+                else:
+                    cells.append("")
+            markdown.append(f"| {task} | " + " | ".join(cells) + f" | {report.best_layer} |")
+        markdown.append("")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.csv").write_text(rows.getvalue())
+    (out_dir / "summary.md").write_text("\n".join(markdown))
+    try:
+        from .plotting import plot_grid
+
+        plot_grid(reports, tasks, models, str(out_dir / "grid.png"))
+    except ImportError:
+        pass
