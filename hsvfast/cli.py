@@ -72,14 +72,34 @@ def parse_layers(text: Optional[str]) -> Optional[List[int]]:
         raise CommandError(f"--layers takes comma-separated integers like 0,3,-1 (got {text!r})") from error
 
 
-def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
-               label_map=None, limit=None, layers=None, pooling="mean", max_length=128, batch_size=64,
-               device=None, progress=True, task=None, model_name=None):
-    """Read a labelled file, batch it by length, score it; returns the report."""
+def read_demo_sample():
+    """The shipped sample is our own plain TSV: read with the standard library (no datasets needed)."""
+    import csv
+
+    with DEMO_DATA.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, pooling="mean", max_length=128,
+                  batch_size=64, device=None, progress=True, task=None, model_name=None):
+    """Batch texts by length and score them; returns the report with its task and model names set."""
     import dataclasses
 
     import hsvfast
     from hsvfast.batching import BucketedBatches
+
+    batches = BucketedBatches(texts, labels, tokenizer, text_pairs=pairs, batch_size=batch_size,
+                              max_length=max_length)
+    report = hsvfast.score(model, batches, layers=layers, pooling=pooling, tokenizer=tokenizer, device=device,
+                           progress=progress)
+    return dataclasses.replace(report, task=task, model_name=model_name or report.model_name)
+
+
+def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
+               label_map=None, limit=None, layers=None, pooling="mean", max_length=128, batch_size=64,
+               device=None, progress=True, task=None, model_name=None):
+    """Read a labelled file, batch it by length, score it; returns the report."""
     from hsvfast.data import read_labelled_text
 
     table = read_labelled_text(data, text_column=text_column, label_column=label_column, pair_column=pair_column,
@@ -93,12 +113,9 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
     if limit:
         texts, labels = texts[:limit], labels[:limit]
         pairs = pairs[:limit] if pairs is not None else None
-    batches = BucketedBatches(texts, labels, tokenizer, text_pairs=pairs, batch_size=batch_size,
-                              max_length=max_length)
-    report = hsvfast.score(model, batches, layers=layers, pooling=pooling, tokenizer=tokenizer, device=device,
-                           progress=progress)
-    model_name = model_name or report.model_name
-    return dataclasses.replace(report, task=task or Path(data).name, model_name=model_name)
+    return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
+                         max_length=max_length, batch_size=batch_size, device=device, progress=progress,
+                         task=task or Path(data).name, model_name=model_name)
 
 
 def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
@@ -113,8 +130,9 @@ def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     began = time.perf_counter()
-    report = score_file(model, tokenizer, DEMO_DATA, batch_size=args.batch_size, progress=False,
-                        task="demo sentiment sample", model_name=display_name(args.model))
+    texts, labels = read_demo_sample()
+    report = score_batches(model, tokenizer, texts, labels, batch_size=args.batch_size, progress=False,
+                           task="demo sentiment sample", model_name=display_name(args.model))
     elapsed = time.perf_counter() - began
     print(f"hsvfast {report.version} ({report.backend}) — {report.model_name} on the demo sentiment sample: "
           f"{report.num_examples} sentences, classes {report.class_counts}, {elapsed:.1f} s\n")
@@ -171,20 +189,21 @@ def run_suite(args: argparse.Namespace) -> int:
     from hsvfast.suite import load_suite, run_suite as run
 
     suite = load_suite(args.suite)
-    models = [m for m in (args.models or "").split(",") if m] or [default_model_path()]
+    default = display_name(None)
+    models = [m for m in (args.models or "").split(",") if m] or [default]
     loaded: dict = {}
 
     def score_task(model_name, task, suite, data_file):
         if model_name not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[model_name] = load_model(model_name, args.dtype, args.device)
+            path = None if model_name == default and not Path(model_name).exists() else model_name
+            loaded[model_name] = load_model(path, args.dtype, args.device)
         model, tokenizer = loaded[model_name]
         return score_file(model, tokenizer, data_file, text_column=task.text_column,
                           pair_column=task.text_pair_column, label_column=task.label_column, header=task.header,
                           label_map=task.labels or None, limit=args.limit or task.limit, pooling=suite.pooling,
                           max_length=suite.max_length, batch_size=suite.batch_size, device=args.device,
-                          progress=not args.quiet, task=task.name, model_name=display_name(
-                              None if model_name == default_model_path() else model_name))
+                          progress=not args.quiet, task=task.name, model_name=model_name)
 
     run(suite, models, args.data_dir, args.out, score_task)
     print(f"wrote {Path(args.out) / 'summary.md'}, summary.csv and grid.png")

@@ -1,0 +1,224 @@
+"""The command line end to end: exit codes, JSON schema, plots, file quirks, suites."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hsvfast import cli
+from hsvfast.data import read_labelled_text
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SENTENCES = [("a warm and lovely film", 1), ("dull, flat and far too long", 0), ("a joy from start to end", 1),
+             ("i wanted my money back", 0), ("clever, kind and funny", 1), ("tedious and cold", 0),
+             ("the best thing this year", 1), ("a mess of a story", 0)] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, minilm_path):
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, intermediate_size=37)
+    tf.BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def tsv(path, rows=SENTENCES, header="sentence\tlabel", newline="\n", encoding="utf-8"):
+    lines = ([header] if header else []) + [f"{t}\t{y}" for t, y in rows]
+    return write(path, newline.join(lines) + newline, encoding)
+
+
+def run_cli(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "hsvfast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ------------------------------------------------------------------------------- subprocess, end to end
+
+
+def test_score_writes_report_and_plot(tmp_path, tiny_model_dir):
+    data = tsv(tmp_path / "train.tsv")
+    result = run_cli("score", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "r.json",
+                     "--plot", tmp_path / "r.png", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "| layer | variability | trace_ratio |" in result.stdout and "◀" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report) >= {"hsvfast_version", "model_name", "pooling", "layers", "best_layer", "metrics",
+                           "class_counts", "num_examples", "num_skipped", "num_blocks", "task"}
+    assert report["layers"] == [0, 1, 2] and report["num_examples"] == 24
+    assert report["class_counts"] == {"0": 12, "1": 12}
+    assert len(report["metrics"]["variability"]) == 3
+    png = (tmp_path / "r.png").read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "r.png").shape[0] > 300
+
+    plan = run_cli("plan", tmp_path / "r.json", "--num-tuned", "1", "--out", tmp_path / "plan.json")
+    assert plan.returncode == 0, plan.stderr
+    import hsvfast
+
+    loaded = hsvfast.Plan.load(tmp_path / "plan.json")
+    assert loaded.head_layer == report["best_layer"] and loaded.tuned_layers == [report["best_layer"]]
+    assert json.loads((tmp_path / "plan.lora.json").read_text())["layers_to_transform"] == loaded.tuned_layers
+
+
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels"])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, case):
+    data = tsv(tmp_path / "d.tsv")
+    model = tiny_model_dir
+    if case == "missing_file":
+        data = tmp_path / "nope.tsv"
+    elif case == "missing_column":
+        data = tsv(tmp_path / "d.tsv", header="words\tclass")
+    elif case == "bad_model":
+        model = tmp_path / "no-model-here"
+    else:
+        data = tsv(tmp_path / "d.tsv", rows=[("a b", 0.5), ("c d", 1.5)] * 4)
+    result = run_cli("score", "--model", model, "--data", data, "--quiet")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hsvfast: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    expected = {"missing_file": "does not exist", "missing_column": "the columns are ['words', 'class']",
+                "bad_model": "cannot load model", "float_labels": "discrete class labels"}[case]
+    assert expected in lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "score", "--data", tmp_path / "nope.tsv")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_demo_runs_offline(minilm_path):
+    result = run_cli("demo", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "all-MiniLM-L6-v2" in result.stdout and "Best layer (lowest ν)" in result.stdout
+    assert result.stdout.count("|") > 30
+
+
+# ------------------------------------------------------------------------------------- file quirks
+
+
+def test_tsv_with_crlf_and_bare_quotes(tmp_path):
+    path = write(tmp_path / "q.tsv", 'sentence\tlabel\r\nhe said "hi" and left\t1\r\n"odd start\t0\r\n')
+    table = read_labelled_text(path)
+    assert table.texts == ['he said "hi" and left', '"odd start'] and table.labels == [1, 0]
+
+
+def test_latin1_file(tmp_path):
+    path = tsv(tmp_path / "l.tsv", rows=[("café crème brûlée", 1), ("naïve façade", 0)], encoding="latin-1")
+    assert read_labelled_text(path).texts == ["café crème brûlée", "naïve façade"]
+
+
+def test_utf8_bom_and_pair_columns(tmp_path):
+    path = write(tmp_path / "m.tsv", "\ufeffQuality\t#1 String\t#2 String\n1\ta cat\ta feline\n0\ta dog\ta car\n")
+    table = read_labelled_text(path)
+    assert (table.label_column, table.text_column, table.pair_column) == ("Quality", "#1 String", "#2 String")
+    assert table.pairs == ["a feline", "a car"]
+
+
+def test_headerless_file_by_position(tmp_path):
+    path = write(tmp_path / "c.tsv", "src\t1\t\tGood sentence .\nsrc\t0\t*\tBad sentence sentence .\n")
+    table = read_labelled_text(path, text_column=3, label_column=1)
+    assert table.texts == ["Good sentence .", "Bad sentence sentence ."] and table.labels == [1, 0]
+
+
+def test_csv_with_quoted_commas_and_header_row(tmp_path):
+    path = write(tmp_path / "a.csv", 'label,title,description\r\n3,"Markets, again","Up, then down"\r\n'
+                                     '4,Space,"Launch, delayed"\r\n')
+    table = read_labelled_text(path, text_column="description")
+    assert table.texts == ["Up, then down", "Launch, delayed"] and table.labels == [3, 4]
+
+
+def test_jsonl_and_parquet(tmp_path):
+    rows = [{"text": t, "label": y} for t, y in SENTENCES[:4]]
+    jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_labelled_text(jsonl).texts == [r["text"] for r in rows]
+    import pandas
+
+    pandas.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    assert read_labelled_text(tmp_path / "d.parquet").labels == [r["label"] for r in rows]
+
+
+def test_unknown_columns_are_listed(tmp_path):
+    path = tsv(tmp_path / "x.tsv", header="words\tclass")
+    with pytest.raises(ValueError, match=r"the columns are \['words', 'class'\]"):
+        read_labelled_text(path)
+    with pytest.raises(ValueError, match="no label column 'target'"):
+        read_labelled_text(path, text_column="words", label_column="target")
+
+
+# ------------------------------------------------------------------------------------------- suites
+
+
+def test_suite_scores_every_pair_and_resumes(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    tsv(data / "a.tsv")
+    write(data / "b.tsv", "s1\ts2\ty\n" + "".join(f"{t}\t{t[::-1]}\t{'yes' if y else 'no'}\n"
+                                                   for t, y in SENTENCES))
+    suite = write(tmp_path / "s.toml", """
+[defaults]
+batch_size = 4
+
+[[task]]
+name = "single"
+file = "a.tsv"
+
+[[task]]
+name = "pairs"
+file = "b.tsv"
+text_column = "s1"
+text_pair_column = "s2"
+label_column = "y"
+labels = { no = 0, yes = 1 }
+""")
+    out = tmp_path / "out"
+    args = ["suite", str(suite), "--models", str(tiny_model_dir), "--data-dir", str(data), "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    model_dir = out / tiny_model_dir.name
+    assert sorted(p.name for p in model_dir.iterdir()) == ["pairs.json", "single.json"]
+    pairs = json.loads((model_dir / "pairs.json").read_text())
+    assert pairs["class_counts"] == {"0": 12, "1": 12} and pairs["task"] == "pairs"
+    for name in ("summary.csv", "summary.md", "grid.png"):
+        assert (out / name).exists()
+    assert (out / "grid.png").read_bytes().startswith(PNG_MAGIC)
+    assert "| single |" in (out / "summary.md").read_text()
+
+    (model_dir / "pairs.json").unlink()
+    before = (model_dir / "single.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    log = capsys.readouterr().out
+    assert "single: done before, skipped" in log and "pairs: ℓ* =" in log
+    assert (model_dir / "single.json").stat().st_mtime_ns == before and (model_dir / "pairs.json").exists()
+
+
+def test_shipped_glue_suite_parses():
+    from hsvfast.suite import load_suite
+
+    suite = load_suite("glue")
+    assert [t.name for t in suite.tasks] == ["sst2", "cola", "mrpc", "rte", "qnli"]
+    assert suite.tasks[1].header is False and suite.tasks[1].text_column == 3
+
+
+def test_bad_suite_files(tmp_path):
+    from hsvfast.suite import load_suite
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_suite(tmp_path / "none.toml")
+    with pytest.raises(ValueError, match="needs 'name' and 'file'"):
+        load_suite(write(tmp_path / "s.toml", '[[task]]\nname = "x"\n'))
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_suite(write(tmp_path / "t.toml", "[[task]\n"))
