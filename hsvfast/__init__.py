@@ -11,7 +11,8 @@ from .layers import find_blocks
 from .metrics import trace_ratio, variability
 from .pooling import POOLINGS
 from .report import Report
-from .scoring import score
+from .scoring import report_from, score
+from .storage import load_statistics, merge
 from .statistics import Statistics
 from .planning import Plan, plan
 from .surgery import add_adapters, freeze, truncate
@@ -21,5 +22,6 @@ from .training import apply, evaluate, train
 __all__ = [
     "__version__", "score", "variability", "trace_ratio", "backend", "compiled_with_cuda",
     "Report", "Statistics", "find_blocks", "POOLINGS",
+    "report_from", "load_statistics", "merge",
     "Plan", "plan", "truncate", "freeze", "add_adapters", "Classifier", "train", "evaluate", "apply",
 ]

@@ -82,7 +82,7 @@ def read_demo_sample():
 
 
 def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, pooling="mean", max_length=128,
-                  batch_size=64, device=None, progress=True, task=None, model_name=None):
+                  batch_size=64, device=None, progress=True, task=None, model_name=None, **score_options):
     """Batch texts by length and score them; returns the report with its task and model names set."""
     import dataclasses
 
@@ -92,13 +92,13 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
     batches = BucketedBatches(texts, labels, tokenizer, text_pairs=pairs, batch_size=batch_size,
                               max_length=max_length)
     report = hsvfast.score(model, batches, layers=layers, pooling=pooling, tokenizer=tokenizer, device=device,
-                           progress=progress)
+                           progress=progress, **score_options)
     return dataclasses.replace(report, task=task, model_name=model_name or report.model_name)
 
 
 def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
                label_map=None, limit=None, layers=None, pooling="mean", max_length=128, batch_size=64,
-               device=None, progress=True, task=None, model_name=None):
+               device=None, progress=True, task=None, model_name=None, **score_options):
     """Read a labelled file, batch it by length, score it; returns the report."""
     from hsvfast.data import read_labelled_text
 
@@ -115,7 +115,7 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         pairs = pairs[:limit] if pairs is not None else None
     return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
                          max_length=max_length, batch_size=batch_size, device=device, progress=progress,
-                         task=task or Path(data).name, model_name=model_name)
+                         task=task or Path(data).name, model_name=model_name, **score_options)
 
 
 def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
@@ -154,7 +154,12 @@ def run_score(args: argparse.Namespace) -> int:
                         pair_column=column(args.text_pair_column), label_column=column(args.label_column),
                         header=False if args.no_header else None, limit=args.limit, layers=parse_layers(args.layers),
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
-                        device=args.device, progress=not args.quiet, model_name=display_name(args.model))
+                        device=args.device, progress=not args.quiet, model_name=display_name(args.model),
+                        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+    if args.save_stats:
+        report.stats.info.update(task=report.task)
+        report.stats.save(args.save_stats)
+        print(f"wrote {args.save_stats}")
     print(f"\n{report.model_name} on {args.data}: {report.num_examples:,} examples, "
           f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
     print(report.to_markdown())
@@ -211,6 +216,30 @@ def run_suite(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    import hsvfast
+
+    merged = hsvfast.merge(args.files)
+    merged.save(args.output)
+    print(f"merged {len(args.files)} files: {merged.num_examples:,} examples, classes "
+          f"{dict(zip(merged.labels, merged.counts.tolist()))} → {args.output}")
+    if args.report or args.plot:
+        report = hsvfast.report_from(merged)
+        print(report.to_markdown())
+        _write_outputs(report, args.report, args.plot)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import hsvfast
+
+    report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
+    print(report.to_markdown())
+    print(f"\nℓ* = {report.best_layer} (lowest ν)")
+    _write_outputs(report, args.out, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsvfast", description="Score every layer of a language model for a "
                                      "labelled task (hidden-state variability, arXiv:2210.10041).")
@@ -241,7 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="write the JSON report here")
     score.add_argument("--plot", help="write a PNG plot here")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
+    score.add_argument("--save-stats", help="also write the statistics (safetensors) for hsvfast merge")
+    score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
+                       "resumed from when it exists")
+    score.add_argument("--checkpoint-every", type=int, default=1000)
     score.set_defaults(run=run_score)
+
+    merge = commands.add_parser("merge", help="sum statistics files of parts of one corpus")
+    merge.add_argument("files", nargs="+")
+    merge.add_argument("-o", "--output", required=True, help="merged statistics file")
+    merge.add_argument("--report", help="also write the JSON report of the merged statistics")
+    merge.add_argument("--plot", help="also write a PNG plot")
+    merge.set_defaults(run=run_merge)
+
+    report = commands.add_parser("report", help="the report of a statistics file (from score or merge)")
+    report.add_argument("statistics")
+    report.add_argument("--out", help="write the JSON report here")
+    report.add_argument("--plot", help="write a PNG plot here")
+    report.set_defaults(run=run_report)
 
     plan = commands.add_parser("plan", help="turn a JSON report into a plan (head layer, tuned/frozen/dropped)")
     plan.add_argument("report")

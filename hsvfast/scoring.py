@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import inspect
+import os
 import warnings
 from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Sequence
 
@@ -16,7 +18,9 @@ from .layers import StopForward, block_hidden_states, configured_depth, find_blo
 from .metrics import layer_metrics
 from .pooling import special_token_ids, token_weights
 from .report import Report
+from .distributed import all_reduce_statistics, is_distributed
 from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels
+from .storage import load_statistics, save_statistics
 
 _LABEL_KEYS = ("labels", "label")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -36,6 +40,8 @@ def score(
     blocks: Optional[nn.ModuleList] = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     autocast: Optional[bool] = None,
+    checkpoint: "str | os.PathLike | None" = None,
+    checkpoint_every: int = 1000,
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -64,6 +70,16 @@ def score(
         max_memory: bytes allowed for per-class second moments, all layers together.
         autocast: run the forward under bfloat16 autocast. Default: on for a float32
             model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
+        checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
+            (atomically: a crash at any instant leaves the last good checkpoint). Called
+            again with the same arguments and a deterministic loader, ``score`` resumes
+            after the last checkpointed batch; a checkpoint from a different model, layer
+            set, pooling or dataset is refused. Under torch.distributed each rank writes
+            its own file (``.rankN`` is added to the name).
+
+    Under an initialised torch.distributed process group, each rank passes a loader over its
+    own shard (see :class:`hsvfast.distributed.ShardSampler`); the statistics are all-reduced
+    once at the end and every rank returns the report of the whole corpus.
 
     Returns:
         a :class:`Report` (``report.metrics["variability"]``, ``report.best_layer`` …).
@@ -76,11 +92,15 @@ def score(
     if class_counts is None:
         class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory)
     stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory)
+    stats.info.update(_describe(model, blocks, pooling, device))
+    resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
+    stats = resume.stats
     forward_kwargs = _accepted_kwargs(model)
     if autocast is None:
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     pin = device.type == "cuda"
+    max_positions = _max_positions(model)
 
     current: Dict[str, Any] = {}
     deepest = layer_ids[-1]
@@ -103,6 +123,8 @@ def score(
         bar = _progress(loader, progress)
         with torch.inference_mode():
             for batch_index, batch in enumerate(bar):
+                if resume.skip(batch_index, batch):
+                    continue
                 if not isinstance(batch, Mapping):
                     raise TypeError(
                         f"batch {batch_index} is a {type(batch).__name__}; hsvfast needs dict batches with "
@@ -131,18 +153,32 @@ def score(
                 plan = stats.plan_batch(labels, poolable)
                 current["plan"] = plan
                 current["weights"] = _to_device(weights, device, pin)
+                if max_positions and batch["input_ids"].shape[1] > max_positions:
+                    raise ValueError(
+                        f"batch {batch_index} has sequences of {batch['input_ids'].shape[1]} tokens but the model "
+                        f"takes at most {max_positions}; tokenize with truncation=True, max_length={max_positions}"
+                    )
                 inputs = {k: _to_device(batch[k], device, pin) for k in _MODEL_INPUTS if k in batch}
                 try:
                     with precision:
                         model(**inputs, **forward_kwargs)
                 except StopForward:
                     pass
+                except torch.OutOfMemoryError as error:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory on {device} in batch {batch_index} ({batch['input_ids'].shape[0]} sequences "
+                        f"of {batch['input_ids'].shape[1]} tokens): use a smaller batch size or max_length. {error}"
+                    ) from error
                 else:
                     raise RuntimeError(
                         f"the forward pass finished without running block {deepest}; the blocks found are not "
                         "the ones the model runs. Pass blocks= explicitly."
                     )
                 stats.finish_batch(plan)
+                resume.after_batch(batch_index, batch)
+        resume.finish()
+        if is_distributed():
+            all_reduce_statistics(stats)
         stats.check_complete()
     finally:
         for handle in handles:
@@ -151,22 +187,137 @@ def score(
         if device != original_device:
             model.to(original_device)
 
-    per_layer = [layer_metrics(stats.class_moments(p)) for p in range(len(layer_ids))]
+    return report_from(stats)
+
+
+def report_from(stats: Statistics) -> Report:
+    """A :class:`Report` from finished statistics (from ``score``, a file, or a merge)."""
     from . import __version__
 
+    stats.check_complete()
+    per_layer = [layer_metrics(stats.class_moments(p)) for p in range(len(stats.layers))]
     return Report(
-        layers=layer_ids,
+        layers=list(stats.layers),
         metrics={name: [m[name] for m in per_layer] for name in per_layer[0]},
         class_counts=dict(sorted(zip(stats.labels, stats.counts.tolist()), key=lambda kv: repr(kv[0]))),
-        pooling=pooling,
-        model_name=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+        pooling=stats.info.get("pooling", "unknown"),
+        model_name=stats.info.get("model_name"),
         num_examples=stats.num_examples,
         num_skipped=stats.num_skipped,
-        backend=_kernels.backend(device),
+        backend=stats.info.get("backend", _kernels.backend(stats.device)),
         version=__version__,
-        num_blocks=len(blocks),
+        num_blocks=stats.info.get("num_blocks"),
+        task=stats.info.get("task"),
         stats=stats,
     )
+
+
+class _Checkpointer:
+    """Periodic atomic checkpoints of the statistics, and resuming from one."""
+
+    def __init__(self, path, every: int, stats: Statistics, model: nn.Module, loader: Any) -> None:
+        self.path, self.every, self.stats = path, int(every), stats
+        self.batches_done, self.digest = 0, hashlib.sha256()
+        if path is None:
+            return
+        if self.every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches, got {every}")
+        if is_distributed():
+            import torch.distributed as dist
+
+            root, suffix = os.path.splitext(os.fspath(path))
+            self.path = f"{root}.rank{dist.get_rank()}{suffix}"
+        self.fingerprint = {
+            "info": {k: stats.info.get(k) for k in ("model_name", "model_class", "num_blocks", "pooling", "dtype")},
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "layers": stats.layers,
+            "mode": stats.mode,
+            "class_counts": None if stats.class_counts is None else sorted(map(list, stats.class_counts.items()),
+                                                                           key=repr),
+            "num_batches_in_loader": len(loader) if hasattr(loader, "__len__") else None,
+        }
+        if os.path.exists(self.path):
+            saved, extra = load_statistics(self.path, device=stats.device, with_extra=True)
+            theirs, ours = extra.get("fingerprint", {}), json_roundtrip(self.fingerprint)
+            # A loader without len() (a generator) cannot be compared by size; its data is still checked.
+            differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                            and not (k == "num_batches_in_loader" and None in (theirs.get(k), ours.get(k))))
+            if differ:
+                raise ValueError(
+                    f"checkpoint {self.path} belongs to a different run (differs in {', '.join(differ)}); "
+                    "pass the same model, layers, pooling and data, or delete the checkpoint to start over"
+                )
+            self.stats = saved
+            self.batches_done = int(extra["batches_done"])
+            self.expected_digest = extra["digest"]
+
+    def _absorb(self, batch: Any) -> None:
+        for key in ("input_ids", "labels", "label"):
+            value = batch.get(key) if isinstance(batch, Mapping) else None
+            if value is not None:
+                self.digest.update(key.encode())
+                self.digest.update(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value).tobytes())
+
+    def skip(self, batch_index: int, batch: Any) -> bool:
+        """True for batches the checkpoint already holds (the data is checked while skipping)."""
+        if self.path is None or batch_index >= self.batches_done:
+            return False
+        self._absorb(batch)
+        if batch_index + 1 == self.batches_done and self.digest.hexdigest() != self.expected_digest:
+            raise ValueError(
+                f"the loader yields different data than the run that wrote checkpoint {self.path} "
+                "(resuming needs a deterministic loader over the same data); delete it to start over"
+            )
+        return True
+
+    def after_batch(self, batch_index: int, batch: Any) -> None:
+        if self.path is None:
+            return
+        self._absorb(batch)
+        self.batches_done = batch_index + 1
+        if self.batches_done % self.every == 0:
+            self.save()
+
+    def finish(self) -> None:
+        if self.path is not None and self.batches_done:
+            self.save()
+
+    def save(self) -> None:
+        extra = {"fingerprint": self.fingerprint, "batches_done": self.batches_done,
+                 "digest": self.digest.hexdigest()}
+        save_statistics(self.stats, self.path, extra)
+
+
+def json_roundtrip(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _max_positions(model: nn.Module) -> Optional[int]:
+    """The longest input of a model with learned absolute positions (BERT, GPT-2 …); None for RoPE models."""
+    config = getattr(model, "config", None)
+    if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None) is not None:
+        return None
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    offset = (getattr(config, "pad_token_id", None) or 0) + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
+    return limit - offset
+
+
+def _describe(model: nn.Module, blocks: nn.ModuleList, pooling: str, device: torch.device) -> Dict[str, Any]:
+    config = getattr(model, "config", None)
+    parameter = next(model.parameters(), None)
+    return {
+        "model_name": getattr(config, "name_or_path", None) or type(model).__name__,
+        "model_revision": getattr(config, "_commit_hash", None),
+        "model_class": type(model).__name__,
+        "num_blocks": len(blocks),
+        "pooling": pooling,
+        "dtype": str(parameter.dtype).replace("torch.", "") if parameter is not None else None,
+        "backend": _kernels.backend(device),
+    }
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:

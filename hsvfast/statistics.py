@@ -125,6 +125,9 @@ class Statistics:
             self.mode = "per_class"
         self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
         self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
+        #: What the statistics describe (model name, pooling, dtype …): saved with them and
+        #: compared when merging, so parts of different runs are never mixed.
+        self.info: Dict[str, Any] = {}
 
     # ----------------------------------------------------------------- labels
     @property
@@ -273,6 +276,10 @@ class Statistics:
         moments are re-expressed around this part's shift (δ = s_other − s_self, of
         the size of the within-class spread, so nothing cancels) before adding.
         """
+        for key in sorted(set(self.info) | set(other.info)):
+            if key in _MERGE_KEYS and self.info.get(key) != other.info.get(key):
+                raise ValueError(f"cannot merge statistics with different {key}: "
+                                 f"{self.info.get(key)!r} vs {other.info.get(key)!r}")
         if other.layers != self.layers or other.mode != self.mode:
             raise ValueError(
                 f"cannot merge statistics of layers {other.layers} ({other.mode}) into layers {self.layers} "
@@ -302,6 +309,12 @@ class Statistics:
         self.num_skipped += other.num_skipped
         self.num_batches += other.num_batches
         return self
+
+    def save(self, path, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write to a safetensors file atomically (see :mod:`hsvfast.storage`)."""
+        from .storage import save_statistics
+
+        save_statistics(self, path, extra)
 
     # --------------------------------------------------------------- read-out
     def check_complete(self) -> None:
@@ -381,6 +394,10 @@ class ClassMoments:
         else:
             raise ValueError("these statistics were accumulated without second moments")
         return (scatter - self.centred.T @ self.centred) / c
+
+
+#: ``info`` entries that must agree for two parts to be merged.
+_MERGE_KEYS = ("model_name", "model_revision", "pooling", "num_blocks", "label_names")
 
 
 def _merge_layer(mine, theirs, ids, my_counts, their_counts, mode, class_counts, labels) -> None:

@@ -160,3 +160,43 @@ def test_class_counts_must_match_what_was_seen():
         accumulate(tokens, labels, np.arange(len(labels)), 8, class_counts={0: 5, 1: 5})
     with pytest.raises(ValueError, match="positive integers"):
         Statistics([0], class_counts={0: 0, 1: 3})
+
+
+# ------------------------------------------------------------------------ properties (hypothesis)
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_CORPUS = corpus(seed=11, n=40, classes=3)
+_WHOLE = summary(accumulate(*_CORPUS, np.arange(40), 40))
+
+
+def _part(rows, batch_size):
+    return accumulate(*_CORPUS, np.asarray(rows), batch_size, complete=False)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order_seed=st.integers(0, 10_000), cuts=st.lists(st.integers(1, 39), max_size=4, unique=True),
+       batch_size=st.integers(1, 16))
+def test_any_split_and_batching_gives_the_same_statistics(order_seed, cuts, batch_size):
+    order = np.random.default_rng(order_seed).permutation(40)
+    bounds = [0, *sorted(cuts), 40]
+    parts = [_part(order[a:b], batch_size) for a, b in zip(bounds, bounds[1:])]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.merge(part)
+    merged.check_complete()
+    assert_same(_WHOLE, summary(merged))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000))
+def test_merge_is_commutative_and_associative(seed):
+    order = np.random.default_rng(seed).permutation(40)
+    rows = np.array_split(order, 3)
+    a, b, c = (lambda: _part(rows[0], 5)), (lambda: _part(rows[1], 7)), (lambda: _part(rows[2], 3))
+    left = a().merge(b()).merge(c())          # (a + b) + c
+    right = a().merge(b().merge(c()))          # a + (b + c)
+    swapped = c().merge(a()).merge(b())        # c + a + b
+    for stats in (left, right, swapped):
+        stats.check_complete()
+    assert_same(summary(left), summary(right))
+    assert_same(summary(left), summary(swapped))

@@ -1,0 +1,180 @@
+"""Statistics as files: save, load (checked), merge — map-reduce across jobs and clusters.
+
+A file is safetensors: the per-layer moments as float64 tensors, the counts as int64, and JSON
+metadata (hsvfast version, model name and revision, layers, pooling, hidden sizes, dtype, labels,
+class counts, number of examples …) plus a SHA-256 of every tensor's bytes, so a corrupted file is
+detected on load instead of being used. Writes are atomic: a temporary file in the same folder is
+written, flushed and fsync'ed, then renamed over the target.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Union
+
+import numpy as np
+import torch
+
+from .statistics import LayerMoments, Statistics
+
+FORMAT = "hsvfast-statistics/1"
+
+
+def _tensors(stats: Statistics) -> Dict[str, torch.Tensor]:
+    c = stats.num_classes
+    out = {"counts": torch.from_numpy(stats.counts[:c].copy())}
+    for position, m in enumerate(stats.moments):
+        if m is None:
+            continue
+        prefix = f"layer{position}."
+        out[prefix + "shift"] = m.shift[:c]
+        out[prefix + "sums"] = m.sums[:c]
+        out[prefix + "sqnorms"] = m.sqnorms[:c]
+        out[prefix + "nonfinite"] = m.nonfinite
+        if stats.mode == "per_class":
+            out[prefix + "second"] = m.second[:c]
+        elif stats.mode == "balanced":
+            out[prefix + "second"] = m.second
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _digest(tensors: Dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, fsync, then rename over ``path``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_statistics(stats: Statistics, path: "str | Path", extra: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``stats`` (and ``extra`` JSON metadata) to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors = _tensors(stats)
+    metadata = {
+        "format": FORMAT,
+        "hsvfast_version": __version__,
+        "layers": stats.layers,
+        "hidden_sizes": [m.hidden_size if m is not None else None for m in stats.moments],
+        "mode": stats.mode,
+        "labels": stats.labels,
+        "class_counts": None if stats.class_counts is None else [[k, v] for k, v in stats.class_counts.items()],
+        "num_examples": stats.num_examples,
+        "num_skipped": stats.num_skipped,
+        "num_batches": stats.num_batches,
+        "max_memory": stats.max_memory,
+        "info": stats.info,
+        "extra": extra or {},
+        "sha256": _digest(tensors),
+    }
+    write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"hsvfast": json.dumps(metadata)}))
+
+
+def load_statistics(path: "str | Path", device: "str | torch.device" = "cpu", with_extra: bool = False):
+    """Read statistics written by :func:`save_statistics` (or ``report.stats.save``), checking integrity.
+
+    Raises ValueError naming the file when it is not hsvfast statistics, is truncated or corrupted.
+    With ``with_extra=True`` returns ``(stats, extra_metadata)``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"statistics file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable statistics file (truncated or corrupted?): {error}") from error
+    if "hsvfast" not in header:
+        raise ValueError(f"{path} is a safetensors file but not hsvfast statistics")
+    meta = json.loads(header["hsvfast"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported statistics format {meta.get('format')!r} (expected {FORMAT})")
+    if _digest(tensors) != meta["sha256"]:
+        raise ValueError(f"{path} is corrupted: its tensors do not match their checksum")
+
+    class_counts = None if meta["class_counts"] is None else {k: v for k, v in meta["class_counts"]}
+    stats = Statistics(meta["layers"], device=device, class_counts=class_counts,
+                       second_moments=meta["mode"] != "trace", max_memory=meta["max_memory"])
+    stats.mode = meta["mode"]
+    for label in meta["labels"]:
+        stats._class_of[label] = len(stats.labels)
+        stats.labels.append(label)
+    c = stats.num_classes
+    stats.capacity = max(stats.capacity, c)
+    stats.counts = tensors["counts"].numpy().astype(np.int64).copy()
+    stats.num_skipped, stats.num_batches = meta["num_skipped"], meta["num_batches"]
+    stats.info = dict(meta["info"])
+    for position, hidden in enumerate(meta["hidden_sizes"]):
+        if hidden is None:
+            continue
+        m = LayerMoments.empty(hidden, stats.capacity, stats.mode, torch.device(device))
+        prefix = f"layer{position}."
+        m.shift[:c] = tensors[prefix + "shift"]
+        m.sums[:c] = tensors[prefix + "sums"]
+        m.sqnorms[:c] = tensors[prefix + "sqnorms"]
+        m.nonfinite.copy_(tensors[prefix + "nonfinite"])
+        if stats.mode == "per_class":
+            m.second[:c] = tensors[prefix + "second"]
+        elif stats.mode == "balanced":
+            m.second.copy_(tensors[prefix + "second"])
+        stats.moments[position] = m
+    return (stats, meta["extra"]) if with_extra else stats
+
+
+def merge(parts: Iterable[Union[str, Path, Statistics]]) -> Statistics:
+    """Sum statistics of parts of one corpus (files or objects) into one; inputs are not modified.
+
+    Refuses parts from different models, layers, pooling, hidden sizes or modes, naming the difference.
+    """
+    merged: Optional[Statistics] = None
+    for part in parts:
+        stats = load_statistics(part) if isinstance(part, (str, Path)) else part
+        if merged is None:
+            merged = _copy(stats)
+            continue
+        if stats.layers != merged.layers:
+            raise ValueError(f"cannot merge statistics of different layers: {merged.layers} vs {stats.layers}")
+        sizes = [m.hidden_size if m else None for m in merged.moments], [m.hidden_size if m else None
+                                                                         for m in stats.moments]
+        if None not in sizes[0] and None not in sizes[1] and sizes[0] != sizes[1]:
+            raise ValueError(f"cannot merge statistics with different hidden sizes: {sizes[0]} vs {sizes[1]}")
+        merged.merge(stats)
+    if merged is None:
+        raise ValueError("merge needs at least one statistics file or object")
+    return merged
+
+
+def _copy(stats: Statistics) -> Statistics:
+    return copy.deepcopy(stats)
