@@ -73,9 +73,10 @@ def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
 
 def layer_metrics(moments: "ClassMoments") -> Dict[str, float]:
     """All metrics of one layer from :meth:`Statistics.class_moments`."""
-    result = {"trace_ratio": trace_ratio_from_moments(moments.means, moments.within_trace)}
+    result = {}
     if moments.has_covariance:
         result["variability"] = variability_from_moments(moments.means, moments.within_quadratic)
+    result["trace_ratio"] = trace_ratio_from_moments(moments.means, moments.within_trace)
     return result
 
 

@@ -176,6 +176,10 @@ def score(
                     )
                 stats.finish_batch(plan)
                 resume.after_batch(batch_index, batch)
+                if progress and hasattr(bar, "set_postfix"):
+                    elapsed = bar.format_dict.get("elapsed") or 0.0
+                    bar.set_postfix(examples=stats.num_examples,
+                                    per_s=f"{stats.num_examples / elapsed:.0f}" if elapsed else "-", refresh=False)
         resume.finish()
         if is_distributed():
             all_reduce_statistics(stats)

@@ -280,6 +280,10 @@ class Statistics:
             if key in _MERGE_KEYS and self.info.get(key) != other.info.get(key):
                 raise ValueError(f"cannot merge statistics with different {key}: "
                                  f"{self.info.get(key)!r} vs {other.info.get(key)!r}")
+        kinds = {type(label).__name__ for label in self.labels}, {type(label).__name__ for label in other.labels}
+        if all(kinds) and kinds[0] != kinds[1]:
+            raise ValueError(f"cannot merge statistics with different label mappings: labels of type "
+                             f"{sorted(kinds[0])} {self.labels[:5]} vs {sorted(kinds[1])} {other.labels[:5]}")
         if other.layers != self.layers or other.mode != self.mode:
             raise ValueError(
                 f"cannot merge statistics of layers {other.layers} ({other.mode}) into layers {self.layers} "

@@ -78,6 +78,21 @@ def test_merge_refuses_incompatible_parts(tmp_path):
         hsvfast.merge([mean, hsvfast.score(tiny_model("llama"), batches).stats])
 
 
+def test_merge_refuses_a_different_label_mapping():
+    model, batches = tiny_model("bert"), random_batches()
+    named = [{**b, "labels": [["a", "b", "c"][i] for i in b["labels"].tolist()]} for b in batches]
+    with pytest.raises(ValueError, match="different label mappings"):
+        hsvfast.merge([hsvfast.score(model, batches).stats, hsvfast.score(model, named).stats])
+
+
+def test_all_padding_sequences_are_skipped():
+    batches = random_batches(num_batches=1)
+    batches[0]["attention_mask"][2] = 0
+    with pytest.warns(UserWarning, match="no token to pool"):
+        report = hsvfast.score(tiny_model("bert"), batches)
+    assert report.num_skipped == 1 and report.num_examples == 11
+
+
 def test_cli_merge_and_report(tmp_path):
     from hsvfast import cli
 

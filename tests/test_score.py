@@ -113,6 +113,9 @@ def test_report_to_dict_is_json(minilm_sst2):
     assert set(data["metrics"]) == {"variability", "trace_ratio"} and data["best_layer"] in (0, 5)
     assert sum(data["class_counts"].values()) == data["num_examples"] == 192
     assert "model" in data["model_name"]
+    rows = report.to_csv().splitlines()
+    assert rows[0] == "layer,variability,trace_ratio,best" and len(rows) == 3
+    assert sum(row.endswith(",True") for row in rows) == 1
 
 
 # --------------------------------------------------------------------- tiny models, many architectures
