@@ -11,7 +11,7 @@ by construction, so no round-off direction is ever inverted) and costs O(d²C).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,13 @@ import torch
 if TYPE_CHECKING:
     from .statistics import ClassMoments
 
+from .transferability import LOWER_IS_BETTER as _FAMILY_DIRECTIONS
+from .transferability import METRICS as _FAMILY
+
 #: Direction of each metric: True when lower values mean a better-specialised layer.
-LOWER_IS_BETTER = {"variability": True, "trace_ratio": True}
+LOWER_IS_BETTER = {"variability": True, "trace_ratio": True, **_FAMILY_DIRECTIONS}
+#: Metrics ``score`` computes when none are named.
+DEFAULT_METRICS = ("variability", "trace_ratio")
 
 
 def helmert_basis(num_classes: int, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -71,12 +76,26 @@ def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
     return math.inf if between_trace == 0.0 else within_trace / between_trace
 
 
-def layer_metrics(moments: "ClassMoments") -> Dict[str, float]:
-    """All metrics of one layer from :meth:`Statistics.class_moments`."""
+def check_metric_names(names: Sequence[str]) -> List[str]:
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in LOWER_IS_BETTER]
+    if unknown or not names:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(LOWER_IS_BETTER)}")
+    return names
+
+
+def layer_metrics(moments: "ClassMoments", names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """Metrics of one layer from :meth:`Statistics.class_moments` (default: ν and the trace ratio)."""
+    names = check_metric_names(names) if names is not None else (
+        list(DEFAULT_METRICS) if moments.has_covariance else ["trace_ratio"])
     result = {}
-    if moments.has_covariance:
-        result["variability"] = variability_from_moments(moments.means, moments.within_quadratic)
-    result["trace_ratio"] = trace_ratio_from_moments(moments.means, moments.within_trace)
+    for name in names:
+        if name == "variability":
+            result[name] = variability_from_moments(moments.means, moments.within_quadratic)
+        elif name == "trace_ratio":
+            result[name] = trace_ratio_from_moments(moments.means, moments.within_trace)
+        else:
+            result[name] = _FAMILY[name](moments)
     return result
 
 
@@ -109,3 +128,35 @@ def trace_ratio(features: Any, labels: Sequence[Hashable]) -> float:
     """tr(Σ_w)/tr(Σ_b) (class-balanced) for a feature matrix (N×d). Lower is better."""
     stats = _feature_statistics(features, labels, second_moments=False)
     return layer_metrics(stats.class_moments(0))["trace_ratio"]
+
+
+def metric(name: str, features: Any, labels: Sequence[Hashable]) -> float:
+    """Any metric of :data:`LOWER_IS_BETTER` for a feature matrix (N×d), through the streaming code."""
+    check_metric_names([name])
+    stats = _feature_statistics(features, labels, second_moments=name != "trace_ratio")
+    return layer_metrics(stats.class_moments(0), [name])[name]
+
+
+def nc1(features: Any, labels: Sequence[Hashable]) -> float:
+    """Papyan et al.'s NC1 (sample-weighted) for a feature matrix. Lower is better."""
+    return metric("nc1", features, labels)
+
+
+def hscore(features: Any, labels: Sequence[Hashable]) -> float:
+    """H-score (Bao et al. 2019; TLlib's ``h_score``) for a feature matrix. Higher is better."""
+    return metric("hscore", features, labels)
+
+
+def logme(features: Any, labels: Sequence[Hashable]) -> float:
+    """LogME (You et al. 2021; thuml/LogME conventions) for a feature matrix. Higher is better."""
+    return metric("logme", features, labels)
+
+
+def gbc(features: Any, labels: Sequence[Hashable]) -> float:
+    """Gaussian Bhattacharyya coefficient (diagonal) for a feature matrix. Higher is better."""
+    return metric("gbc", features, labels)
+
+
+def probe_loss(features: Any, labels: Sequence[Hashable]) -> float:
+    """Closed-form ridge-probe loss onto one-hot labels for a feature matrix. Lower is better."""
+    return metric("probe_loss", features, labels)

@@ -64,7 +64,7 @@ class Report:
     @property
     def best_layer(self) -> int:
         """The layer with the lowest ν (the paper's ℓ*); falls back to trace_ratio without ν."""
-        name = "variability" if "variability" in self.metrics else "trace_ratio"
+        name = "variability" if "variability" in self.metrics else next(iter(self.metrics))
         values = self.metrics[name]
         sign = 1.0 if LOWER_IS_BETTER[name] else -1.0
         finite = [(sign * v, layer) for v, layer in zip(values, self.layers) if not math.isnan(v)]

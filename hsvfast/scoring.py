@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _kernels
 from .layers import StopForward, block_hidden_states, configured_depth, find_blocks, resolve_layers
-from .metrics import layer_metrics
+from .metrics import DEFAULT_METRICS, check_metric_names, layer_metrics
 from .pooling import special_token_ids, token_weights
 from .report import Report
 from .distributed import all_reduce_statistics, is_distributed
@@ -42,6 +42,7 @@ def score(
     autocast: Optional[bool] = None,
     checkpoint: "str | os.PathLike | None" = None,
     checkpoint_every: int = 1000,
+    metrics: Optional[Sequence[str]] = None,
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -70,6 +71,9 @@ def score(
         max_memory: bytes allowed for per-class second moments, all layers together.
         autocast: run the forward under bfloat16 autocast. Default: on for a float32
             model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
+        metrics: which metrics to compute (default ``["variability", "trace_ratio"]``);
+            see ``hsvfast.metrics.LOWER_IS_BETTER`` for all and their directions. Only what
+            the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
             (atomically: a crash at any instant leaves the last good checkpoint). Called
             again with the same arguments and a deterministic loader, ``score`` resumes
@@ -89,10 +93,16 @@ def score(
     original_device = _model_device(model)
     device = torch.device(device) if device is not None else original_device
     special_ids = special_token_ids(tokenizer)
-    if class_counts is None:
+    if class_counts is None and not (metrics and set(metrics) - {"variability", "trace_ratio"}):
         class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory)
-    stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory)
+    metric_names = check_metric_names(metrics if metrics is not None else DEFAULT_METRICS)
+    family = [n for n in metric_names if n not in ("variability", "trace_ratio")]
+    if family and class_counts is not None:
+        raise ValueError(f"metric {family[0]!r} needs per-class statistics; leave class_counts out to compute it")
+    stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory,
+                       second_moments=metric_names != ["trace_ratio"])
     stats.info.update(_describe(model, blocks, pooling, device))
+    stats.info["metrics"] = metric_names
     resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
     stats = resume.stats
     forward_kwargs = _accepted_kwargs(model)
@@ -199,7 +209,10 @@ def report_from(stats: Statistics) -> Report:
     from . import __version__
 
     stats.check_complete()
-    per_layer = [layer_metrics(stats.class_moments(p)) for p in range(len(stats.layers))]
+    names = stats.info.get("metrics")
+    if names is not None and stats.mode == "trace":
+        names = [n for n in names if n == "trace_ratio"]
+    per_layer = [layer_metrics(stats.class_moments(p), names) for p in range(len(stats.layers))]
     return Report(
         layers=list(stats.layers),
         metrics={name: [m[name] for m in per_layer] for name in per_layer[0]},

@@ -351,7 +351,7 @@ class Statistics:
         means = (m.shift[:c] - m.shift[0]) + centred  # class means, up to a common translation
         within_trace = float(((m.sqnorms[:c] / n) - (centred * centred).sum(1)).sum() / c)
         second = m.second[:c] if self.mode == "per_class" else m.second
-        return ClassMoments(n, means, centred, within_trace, self.mode, second)
+        return ClassMoments(n, means, centred, within_trace, self.mode, second, origin=m.shift[0].clone())
 
 
 @dataclass(frozen=True)
@@ -370,6 +370,7 @@ class ClassMoments:
     within_trace: float         # tr Σ_w
     mode: str
     second: Optional[torch.Tensor]
+    origin: Optional[torch.Tensor] = None  # add to ``means`` for absolute class means
 
     @property
     def has_covariance(self) -> bool:

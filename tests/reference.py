@@ -77,3 +77,86 @@ def pool(hidden: np.ndarray, input_ids: np.ndarray, attention: np.ndarray, speci
 
 def relative_error(actual: float, expected: float) -> float:
     return abs(actual - expected) / abs(expected)
+
+
+# --------------------------------------------- the transferability family, as their papers/code define them
+
+
+def nc1(features, labels) -> float:
+    """Papyan et al.: Σ_W sample-weighted over all examples, Σ_B around the global mean."""
+    features, labels = np.asarray(features, np.float64), np.asarray(labels)
+    classes = np.unique(labels)
+    global_mean = features.mean(0)
+    means = np.stack([features[labels == c].mean(0) for c in classes])
+    centred = features - means[np.searchsorted(classes, labels)]
+    within = centred.T @ centred / len(features)
+    deviations = means - global_mean
+    between = deviations.T @ deviations / len(classes)
+    values, vectors = np.linalg.eigh(between)
+    top = np.argsort(values)[::-1][: len(classes) - 1]
+    return float(np.trace(within @ (vectors[:, top] / values[top]) @ vectors[:, top].T) / len(classes))
+
+
+def hscore(features, labels) -> float:
+    """TLlib's h_score: np.cov of the features and of the class-mean-replaced features, pinv."""
+    f, y = np.asarray(features, np.float64), np.asarray(labels)
+    covf = np.cov(f, rowvar=False)
+    g = np.zeros_like(f)
+    for c in np.unique(y):
+        g[y == c] = f[y == c].mean(0)
+    covg = np.cov(g, rowvar=False)
+    return float(np.trace(np.linalg.pinv(covf, rcond=1e-15) @ covg))
+
+
+def logme(features, labels) -> float:
+    """LogME as thuml/LogME computes it for N > D: SVD of FᵀF, fixed point on explicit residuals."""
+    f, y = np.asarray(features, np.float64), np.asarray(labels)
+    n, d = f.shape
+    v, s, vh = np.linalg.svd(f.T @ f, full_matrices=True)
+    evidences = []
+    for c in np.unique(y):
+        target = (y == c).astype(np.float64)
+        alpha, beta, epsilon = 1.0, 1.0, 1e-5
+        lam = alpha / beta
+        tmp = vh @ (f.T @ target)
+        for _ in range(11):
+            gamma = (beta * s / (alpha + beta * s)).sum()
+            m = v @ (tmp * beta / (alpha + beta * s))
+            alpha_de = (m * m).sum()
+            alpha = gamma / (alpha_de + epsilon)
+            beta_de = ((target - f @ m) ** 2).sum()
+            beta = (n - gamma) / (beta_de + epsilon)
+            new_lam = alpha / beta
+            if abs(new_lam - lam) / lam < 0.01:
+                break
+            lam = new_lam
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * s))
+                    - beta / 2 * (beta_de + epsilon) - alpha / 2 * (alpha_de + epsilon) - n / 2 * np.log(2 * np.pi))
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def gbc(features, labels, floor=1e-12) -> float:
+    f, y = np.asarray(features, np.float64), np.asarray(labels)
+    classes = np.unique(y)
+    means = [f[y == c].mean(0) for c in classes]
+    variances = [f[y == c].var(0) for c in classes]
+    top = max(v.max() for v in variances)
+    variances = [np.maximum(v, floor * top) for v in variances]
+    total = 0.0
+    for a in range(len(classes)):
+        for b in range(len(classes)):
+            if a != b:
+                pooled = (variances[a] + variances[b]) / 2
+                distance = (np.sum((means[a] - means[b]) ** 2 / pooled) / 8
+                            + 0.5 * np.sum(np.log(pooled / np.sqrt(variances[a] * variances[b]))))
+                total -= np.exp(-distance)
+    return float(total)
+
+
+def probe_loss(features, labels, ridge=1e-3) -> float:
+    f, y = np.asarray(features, np.float64), np.asarray(labels)
+    targets = (y[:, None] == np.unique(y)[None, :]).astype(np.float64)
+    gram = f.T @ f
+    weights = np.linalg.solve(gram + ridge * np.trace(gram) / f.shape[1] * np.eye(f.shape[1]), f.T @ targets)
+    return float(((targets - f @ weights) ** 2).sum() / len(f))
