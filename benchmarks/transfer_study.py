@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     parser.add_argument("--adapter-lr", type=float, default=1e-3)
+    parser.add_argument("--tolerance", type=float, default=0.05, help="for the 'earliest' plan (3c)")
+    parser.add_argument("--only", default="", help="comma-separated configuration prefixes to run (e.g. 3c)")
     parser.add_argument("--out", default="transfer_study.json")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -91,6 +93,7 @@ def main() -> None:
         dev = batches(dev_rows, tokenizer, 128)
         report = hsvfast.score(base, batches(train_rows, tokenizer, 128))
         plan = hsvfast.plan(report, num_tuned=k)
+        early = hsvfast.plan(report, num_tuned=k, rule="earliest", tolerance=args.tolerance)
         top = hsvfast.Plan(head_layer=depth - 1, tuned_layers=list(range(depth - k, depth)),
                            frozen_layers=list(range(depth - k)), dropped_layers=[], num_blocks=depth, rule="top",
                            tolerance=0.0, flops_fraction=1.0)
@@ -101,7 +104,11 @@ def main() -> None:
             f"2 top {k} layers tuned (head on top)": (top, "finetune", args.lr),
             f"3a hsvfast plan: head at {plan.head_layer}, {k} tuned": (plan, "finetune", args.lr),
             f"3b hsvfast plan: head at {plan.head_layer}, adapters in {k}": (plan, "adapter", args.adapter_lr),
+            f"3c hsvfast earliest-within-{args.tolerance:.0%} plan: head at {early.head_layer}, {k} tuned":
+                (early, "finetune", args.lr),
         }
+        if args.only:
+            configs = {n: c for n, c in configs.items() if n.split()[0] in args.only.split(",")}
         print(f"\n{task}: ν per layer {[round(v, 4) for v in report.metrics['variability']]}, ℓ* = {plan.head_layer}",
               flush=True)
         results[task] = {"nu": report.metrics["variability"], "head_layer": plan.head_layer, "configs": {}}
