@@ -7,36 +7,22 @@ import torch
 from torch import nn
 
 import hsvfast
-from hsvfast.layers import configured_depth
-
-_DEPTH_ATTRIBUTES = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-
-
-def _parent_of(model: nn.Module, target: nn.Module):
-    for module in model.modules():
-        for name, child in module.named_children():
-            if child is target:
-                return module, name
-    raise ValueError("block list not found in model")
+from hsvfast.layers import set_depth
 
 
 @contextlib.contextmanager
 def truncated(model: nn.Module, num_blocks: int):
     """Run ``model`` with only its first ``num_blocks`` blocks (weights shared, restored afterwards)."""
     blocks = hsvfast.find_blocks(model)
-    parent, name = _parent_of(model, blocks)
     config = getattr(model, "config", None)
-    depth_name = next((a for a in _DEPTH_ATTRIBUTES if isinstance(getattr(config, a, None), int)), None)
-    depth = configured_depth(model)
-    setattr(parent, name, nn.ModuleList(list(blocks)[:num_blocks]))
-    if depth_name:
-        setattr(config, depth_name, num_blocks)
+    lists = {k: v for k, v in vars(config).items() if isinstance(v, list)} if config is not None else {}
+    set_depth(model, nn.ModuleList(list(blocks)[:num_blocks]))
     try:
         yield model
     finally:
-        setattr(parent, name, blocks)
-        if depth_name:
-            setattr(config, depth_name, depth)
+        set_depth(model, blocks)
+        for key, value in lists.items():  # per-layer lists were cut to the shorter depth
+            setattr(config, key, value)
 
 
 def model_inputs(batch):
