@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 DEMO_DATA = Path(__file__).parent / "samples" / "demo_sentiment.tsv"
 DTYPES = ("float32", "bfloat16", "float16")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _kernels
-from .layers import StopForward, block_hidden_states, configured_depth, find_blocks, resolve_layers
+from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, layer_metrics
 from .pooling import special_token_ids, token_weights
 from .report import Report

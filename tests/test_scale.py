@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hsvfast
-from hsvfast.distributed import ShardSampler, shard
+from hsvfast.distributed import ShardSampler
 from tiny_models import random_batches, tiny_model
 
 TESTS = Path(__file__).resolve().parent
@@ -184,27 +184,12 @@ def test_loader_failing_midway_leaves_a_valid_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------- distributed
 
 
-def _rank_main(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    sys.path.insert(0, str(TESTS))
-    from tiny_models import random_batches as make, tiny_model as build
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        batches = make(num_batches=5)
-        batches[3]["labels"][:] = 7  # class 7 exists only in batch 3, which only rank 1 gets
-        report = hsvfast.score(build("bert"), shard(batches), checkpoint=os.path.join(out_dir, "ckpt"),
-                               checkpoint_every=1)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report.to_dict()))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_gloo_processes_give_the_single_process_report(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    from distributed_worker import score_shard
+
+    mp.spawn(score_shard, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     batches = random_batches(num_batches=5)
     batches[3]["labels"][:] = 7
     single = hsvfast.score(tiny_model("bert"), batches)
