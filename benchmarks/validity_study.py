@@ -200,7 +200,8 @@ def main():
             lines.append(f"| {size if size < len(texts) else f'all ({size})'} | {ratio} | "
                          f"{' '.join(f'{v:.3f}' for v in nu)} | {int(np.argmin(nu))} | "
                          f"{' '.join(f'{v:.3f}' for v in nc)} | {int(np.argmin(nc))} |")
-    lines.append("")
+    lines += ["", "Rows missing for 9:1 have too few positives in the pool for that size. ν is biased low "
+              "when examples per class are not much more than d = 384: compare rows of one size.", ""]
     plot_curves(curves, Path(args.out).with_suffix(".png"))
     lines += [f"![probe accuracy and ν per layer]({Path(args.out).with_suffix('.png').name})", ""]
     Path(args.out).write_text("\n".join(lines))
@@ -220,15 +221,16 @@ def plot_curves(curves, path):
     for ax, task in zip(axes.flat, tasks):
         truth, values = curves[task]
         layers = range(len(truth))
-        ax.plot(layers, truth, "o-", color="#2a7d2a", label="probe")
+        (probe_line,) = ax.plot(layers, truth, "o-", color="#2a7d2a", label="probe")
         ax.set_title(task, fontsize=10)
         twin = ax.twinx()
-        twin.plot(layers, values["variability"], "s--", color="#1f5aa6", label="ν")
+        (nu_line,) = twin.plot(layers, values["variability"], "s--", color="#1f5aa6", label="ν")
         twin.set_yscale("log")
         ax.set_xticks(list(layers))
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_axis_off()
-    figure.legend(["probe accuracy (left)", "ν (right, log)"], loc="lower center", ncol=2)
+    figure.legend([probe_line, nu_line], ["probe accuracy, MCC for CoLA (left)", "ν (right, log; lower = better)"],
+                  loc="lower center", ncol=2)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path)
 
