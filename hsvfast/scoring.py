@@ -105,6 +105,7 @@ def score(
     stats.info["metrics"] = metric_names
     resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
     stats = resume.stats
+    stats.info["metrics"] = metric_names  # a resumed run reports what this call asks for
     forward_kwargs = _accepted_kwargs(model)
     if autocast is None:
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
