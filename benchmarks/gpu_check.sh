@@ -24,8 +24,10 @@ HSVFAST_CUDA=ON HSVFAST_CUDA_ARCHITECTURES=90 \
 (cd /tmp && python3 -c "import hsvfast; print('backend(cuda) =', hsvfast.backend('cuda'))")
 
 step "tests (CUDA kernels vs the PyTorch reference; CPU tests too)"
-(cd /tmp && timeout 240 python3 -m pytest -q -x -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-  "$REPO/tests" 2>&1 | tee "$LOG/tests.log" | tail -15) || status=1
+# The device has no `datasets` and no MiniLM package: the CLI tests are left out, MiniLM tests skip.
+(cd /tmp && timeout 240 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  "$REPO"/tests/test_{kernels,cuda,statistics,metrics,score,scale,transferability}.py 2>&1 \
+  | tee "$LOG/tests.log" | tail -15) || status=1
 
 step "compute-sanitizer memcheck, small case"
 (cd /tmp && timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \

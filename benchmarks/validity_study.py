@@ -121,7 +121,7 @@ def main():
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--robustness-max", type=int, default=10000)
+    parser.add_argument("--robustness-max", type=int, default=100000, help="cap on the SST-2 train pool")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "validity.md"))
     args = parser.parse_args()
     from transformers import AutoModel, AutoTokenizer
@@ -186,22 +186,22 @@ def main():
     features = pooled_features(model, tokenizer, texts, None)
     lines += ["## Robustness on SST-2 train (ν and nc1 per layer)", "",
               "| sample | class ratio | ν per layer | ℓ*(ν) | nc1 per layer | ℓ*(nc1) |", "|---|---|---|---:|---|---:|"]
+    positives = np.flatnonzero(labels == 1)
     for size in [n for n in (500, 1000, 2000, 5000) if n < len(texts)] + [len(texts)]:
         for ratio in ("as is", "9:1"):
-            idx = np.arange(size)
+            idx, label = np.arange(size), f"{size}" if size < len(texts) else f"all ({size})"
             if ratio == "9:1":  # same size, resampled to 90 % positive / 10 % negative
-                n_pos = int(0.9 * size)
-                pos, neg = np.flatnonzero(labels == 1)[:n_pos], np.flatnonzero(labels == 0)[: size - n_pos]
-                if len(pos) < n_pos:
-                    continue
-                idx = np.concatenate([pos, neg])
+                n = min(size, int(len(positives) / 0.9))  # "all": as many as the positives allow
+                n_pos = int(0.9 * n)
+                idx = np.concatenate([positives[:n_pos], np.flatnonzero(labels == 0)[: n - n_pos]])
+                label = f"{n}" if n == size else f"{n} (all positives)"
             nu = [metric("variability", features[k][idx], labels[idx]) for k in range(features.shape[0])]
             nc = [metric("nc1", features[k][idx], labels[idx]) for k in range(features.shape[0])]
-            lines.append(f"| {size if size < len(texts) else f'all ({size})'} | {ratio} | "
+            lines.append(f"| {label} | {ratio} | "
                          f"{' '.join(f'{v:.3f}' for v in nu)} | {int(np.argmin(nu))} | "
                          f"{' '.join(f'{v:.3f}' for v in nc)} | {int(np.argmin(nc))} |")
-    lines += ["", "Rows missing for 9:1 have too few positives in the pool for that size. ν is biased low "
-              "when examples per class are not much more than d = 384: compare rows of one size.", ""]
+    lines += ["", "ν is biased low when examples per class are not much more than d = 384: compare rows of "
+              "one size.", ""]
     plot_curves(curves, Path(args.out).with_suffix(".png"))
     lines += [f"![probe accuracy and ν per layer]({Path(args.out).with_suffix('.png').name})", ""]
     Path(args.out).write_text("\n".join(lines))
