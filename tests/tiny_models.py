@@ -5,8 +5,8 @@ import transformers as tf
 VOCAB = 96
 HIDDEN = 32
 DEPTH = 4
-ENCODERS = ("bert", "roberta", "distilbert", "electra")
-DECODERS = ("gpt2", "llama", "qwen2")
+ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral")
 
 
 def tiny_model(kind: str):
@@ -23,6 +23,14 @@ def tiny_model(kind: str):
         config = tf.ElectraConfig(hidden_size=HIDDEN, embedding_size=16, num_hidden_layers=DEPTH,
                                   num_attention_heads=4, intermediate_size=37, **common)
         model = tf.ElectraModel(config)
+    elif kind == "deberta":
+        config = tf.DebertaV2Config(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+                                    intermediate_size=37, **common)
+        model = tf.DebertaV2Model(config)
+    elif kind == "mistral":
+        config = tf.MistralConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=37, **common)
+        model = tf.MistralModel(config)
     elif kind == "distilbert":
         config = tf.DistilBertConfig(dim=HIDDEN, n_layers=DEPTH, n_heads=4, hidden_dim=37, **common)
         model = tf.DistilBertModel(config)
