@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .statistics import LayerMoments, Statistics
+from .statistics import LayerMoments, Statistics, balanced_scale, recentred
 
 
 def is_distributed() -> bool:
@@ -92,18 +92,13 @@ def all_reduce_statistics(stats: Statistics, group=None) -> Statistics:
         dist.all_reduce(new.shift, group=group)
         if old is not None and len(local):
             delta = old.shift[: len(local)] - new.shift[idx]          # x' = x + δ around the common shift
-            sums = old.sums[: len(local)]
-            new.sums[idx] = sums + n.unsqueeze(1) * delta
-            new.sqnorms[idx] = old.sqnorms[: len(local)] + 2 * (delta * sums).sum(1) + n * (delta * delta).sum(1)
-            if stats.mode != "trace":
-                correction = (torch.einsum("ci,cj->cij", delta, sums) + torch.einsum("ci,cj->cij", sums, delta)
-                              + n.view(-1, 1, 1) * torch.einsum("ci,cj->cij", delta, delta))
-                if stats.mode == "per_class":
-                    new.second[idx] = old.second[: len(local)] + correction
-                else:
-                    scale = torch.as_tensor([1.0 / stats.class_counts[label] for label in stats.labels],
-                                            dtype=torch.float64, device=stats.device)
-                    new.second.copy_(old.second + torch.einsum("c,cij->ij", scale, correction))
+            new.sums[idx], new.sqnorms[idx], correction = recentred(
+                old.sums[: len(local)], old.sqnorms[: len(local)], n, delta, second=stats.mode != "trace")
+            if stats.mode == "per_class":
+                new.second[idx] = old.second[: len(local)] + correction
+            elif stats.mode == "balanced":
+                scale = balanced_scale(stats.class_counts, stats.labels, stats.device)
+                new.second.copy_(old.second + torch.einsum("c,cij->ij", scale, correction))
             new.nonfinite.copy_(old.nonfinite)
         elif old is not None and stats.mode == "balanced":
             new.second.copy_(old.second)

@@ -245,7 +245,7 @@ class _Checkpointer:
 
             root, suffix = os.path.splitext(os.fspath(path))
             self.path = f"{root}.rank{dist.get_rank()}{suffix}"
-        self.fingerprint = {
+        self.fingerprint = json_roundtrip({
             "info": {k: stats.info.get(k) for k in ("model_name", "model_class", "num_blocks", "pooling", "dtype")},
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "layers": stats.layers,
@@ -253,10 +253,10 @@ class _Checkpointer:
             "class_counts": None if stats.class_counts is None else sorted(map(list, stats.class_counts.items()),
                                                                            key=repr),
             "num_batches_in_loader": len(loader) if hasattr(loader, "__len__") else None,
-        }
+        })  # compared with a fingerprint read back from JSON
         if os.path.exists(self.path):
             saved, extra = load_statistics(self.path, device=stats.device, with_extra=True)
-            theirs, ours = extra.get("fingerprint", {}), json_roundtrip(self.fingerprint)
+            theirs, ours = extra.get("fingerprint", {}), self.fingerprint
             # A loader without len() (a generator) cannot be compared by size; its data is still checked.
             differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
                             and not (k == "num_batches_in_loader" and None in (theirs.get(k), ours.get(k))))

@@ -405,29 +405,46 @@ class ClassMoments:
 _MERGE_KEYS = ("model_name", "model_revision", "pooling", "num_blocks", "label_names")
 
 
+def recentred(sums: torch.Tensor, sqnorms: torch.Tensor, counts: torch.Tensor, delta: torch.Tensor,
+              second: bool = True):
+    """Per-class moments of x' = x + δ from those of x (rows are classes); exact.
+
+    Returns the new sums (C×d), squared norms (C,) and, with ``second``, the correction
+    δ Sᵀ + S δᵀ + n δδᵀ (C×d×d) to add to the second moments.
+    """
+    new_sums = sums + counts.unsqueeze(1) * delta
+    new_sqnorms = sqnorms + 2.0 * (delta * sums).sum(1) + counts * (delta * delta).sum(1)
+    correction = None
+    if second:
+        correction = (torch.einsum("ci,cj->cij", delta, sums) + torch.einsum("ci,cj->cij", sums, delta)
+                      + counts.view(-1, 1, 1) * torch.einsum("ci,cj->cij", delta, delta))
+    return new_sums, new_sqnorms, correction
+
+
+def balanced_scale(class_counts: Dict[Hashable, int], labels: Sequence[Hashable], device) -> torch.Tensor:
+    """1/N_c per class, the weights of the class-balanced second moment."""
+    return torch.as_tensor([1.0 / class_counts[label] for label in labels], dtype=torch.float64, device=device)
+
+
 def _merge_layer(mine, theirs, ids, my_counts, their_counts, mode, class_counts, labels) -> None:
     device = mine.shift.device
-    for k, cid in enumerate(ids):
-        n_b = float(their_counts[k])
-        s_b, q_b = theirs.sums[k].to(device), theirs.sqnorms[k].to(device)
-        if my_counts[cid] == 0:  # class new to this part: adopt the other part's shift as is
-            mine.shift[cid] = theirs.shift[k].to(device)
-            delta = torch.zeros_like(s_b)
-        else:
-            delta = theirs.shift[k].to(device) - mine.shift[cid]
-        # x' = x + δ for every vector of the other part.
-        mine.sums[cid] += s_b + n_b * delta
-        mine.sqnorms[cid] += q_b + 2.0 * torch.dot(delta, s_b) + n_b * torch.dot(delta, delta)
-        if mode == "trace":
-            continue
-        g_b = theirs.second[k].to(device) if mode == "per_class" else None
-        correction = torch.outer(delta, s_b) + torch.outer(s_b, delta) + n_b * torch.outer(delta, delta)
-        if mode == "per_class":
-            mine.second[cid] += g_b + correction
-        else:
-            mine.second += correction / class_counts[labels[cid]]
-    if mode == "balanced":
-        mine.second += theirs.second.to(device)
+    k = len(ids)
+    idx = torch.as_tensor(ids, dtype=torch.int64, device=device)
+    n = torch.as_tensor(np.asarray(their_counts[:k], dtype=np.float64), device=device)
+    new = torch.as_tensor(my_counts[ids] == 0, device=device)
+    their_shift = theirs.shift[:k].to(device)
+    # A class new to this part adopts the other part's shift as is (δ = 0).
+    mine.shift[idx[new]] = their_shift[new]
+    delta = their_shift - mine.shift[idx]
+    sums, sqnorms, correction = recentred(theirs.sums[:k].to(device), theirs.sqnorms[:k].to(device), n, delta,
+                                          second=mode != "trace")
+    mine.sums.index_add_(0, idx, sums)
+    mine.sqnorms.index_add_(0, idx, sqnorms)
+    if mode == "per_class":
+        mine.second.index_add_(0, idx, theirs.second[:k].to(device) + correction)
+    elif mode == "balanced":
+        scale = balanced_scale(class_counts, [labels[i] for i in ids], device)
+        mine.second += theirs.second.to(device) + torch.einsum("c,cij->ij", scale, correction)
     mine.nonfinite.clamp_(max=int(theirs.nonfinite.item()))
 
 

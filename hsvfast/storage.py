@@ -164,13 +164,7 @@ def merge(parts: Iterable[Union[str, Path, Statistics]]) -> Statistics:
         if merged is None:
             merged = _copy(stats)
             continue
-        if stats.layers != merged.layers:
-            raise ValueError(f"cannot merge statistics of different layers: {merged.layers} vs {stats.layers}")
-        sizes = [m.hidden_size if m else None for m in merged.moments], [m.hidden_size if m else None
-                                                                         for m in stats.moments]
-        if None not in sizes[0] and None not in sizes[1] and sizes[0] != sizes[1]:
-            raise ValueError(f"cannot merge statistics with different hidden sizes: {sizes[0]} vs {sizes[1]}")
-        merged.merge(stats)
+        merged.merge(stats)  # refuses other layers, hidden sizes, pooling, model …
     if merged is None:
         raise ValueError("merge needs at least one statistics file or object")
     return merged

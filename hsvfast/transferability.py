@@ -14,8 +14,6 @@ default without ``class_counts``); formulas in the README ("Which metric?") and 
 from __future__ import annotations
 
 import math
-from typing import Dict
-
 import torch
 
 #: True when lower is better.
@@ -144,6 +142,3 @@ def probe_loss(moments, ridge: float = PROBE_RIDGE) -> float:
 
 METRICS = {"nc1": nc1, "hscore": hscore, "logme": logme, "gbc": gbc, "probe_loss": probe_loss}
 
-
-def family(moments, names) -> Dict[str, float]:
-    return {name: METRICS[name](moments) for name in names}
