@@ -1,8 +1,14 @@
 // CUDA implementation of the pool-and-fold contract in pool_fold.h.
-// One block per (sequence, chunk of kThreads * kItems hidden dimensions); each
-// thread owns kItems dimensions spaced kThreads apart, so every load of a token
-// row is coalesced across the warp. Accumulation is in float64; class sums and
-// squared norms are folded with float64 atomics. Nothing synchronises the host.
+//
+// One block per (sequence, slice of 32 * kItems hidden dimensions), kWarps warps.
+// Warp w reads tokens w, w + kWarps, ...: every warp streams whole token rows, so
+// the block has kWarps independent loads in flight per lane (times kUnroll tokens
+// per iteration), which is what a memory-bound kernel needs on a GPU with
+// thousands of outstanding requests per SM. On the fast path each lane reads 16
+// bytes (8 bf16/fp16, 4 fp32, 2 fp64 values) per token; the partial sums of the
+// warps meet in shared memory, then the block pools, shifts, writes and folds.
+// Accumulation is in float64; class sums and squared norms are folded with float64
+// atomics; a NaN/Inf lowers *nonfinite atomically. Nothing synchronises the host.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -15,58 +21,129 @@
 namespace hsvfast {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kItems = 4;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kUnroll = 4;          // tokens per warp per iteration (loads in flight)
+constexpr int kScalarItems = 4;     // dimensions per lane on the generic (strided) path
 
 __device__ __forceinline__ double warp_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
   return v;
 }
 
-template <typename Storage>
-__global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
-  const int64_t b = blockIdx.y;
-  const int64_t chunk = int64_t(blockIdx.x) * kThreads * kItems;
-  const int64_t label = a.labels ? a.labels[b] : 0;
-  double* out = a.out + (a.out_rows ? a.out_rows[b] : b) * a.dim;
+__device__ __forceinline__ double to_double(float v) { return double(v); }
+__device__ __forceinline__ double to_double(double v) { return v; }
+__device__ __forceinline__ double to_double(Half v) { return double(float16_to_float(v.bits)); }
+__device__ __forceinline__ double to_double(BFloat16 v) { return double(bfloat16_to_float(v.bits)); }
 
-  if (label < 0) {
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t d = chunk + threadIdx.x + int64_t(i) * kThreads;
-      if (d < a.dim) out[d] = 0.0;
+// kItems values of one token for one lane: 16 contiguous bytes (fast path) or
+// kItems strided elements 32 apart (generic path, any stride and alignment).
+template <typename Storage, bool kVector>
+struct Items {
+  static constexpr int kCount = kVector ? int(16 / sizeof(Storage)) : kScalarItems;
+  union {
+    Storage value[kCount];
+    uint4 raw;
+  };
+};
+
+// Dimension (relative to the block's slice) of item i of lane `lane`.
+template <bool kVector, int kCount>
+__device__ __forceinline__ int item_dim(int lane, int i) {
+  return kVector ? lane * kCount + i : lane + 32 * i;
+}
+
+template <typename Storage, bool kVector>
+__global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
+  using Vec = Items<Storage, kVector>;
+  constexpr int kItems = Vec::kCount;
+  constexpr int kSlice = 32 * kItems;
+  __shared__ double partial[kWarps][kItems][32];  // [warp][item][lane]: no bank conflicts
+  __shared__ double partial_weight[kWarps];
+  __shared__ double partial_sqnorm[kWarps];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.y;
+  const int64_t slice = int64_t(blockIdx.x) * kSlice;
+  const int64_t label = a.labels ? a.labels[b] : 0;
+  double* out = a.out + (a.out_rows ? a.out_rows[b] : b) * a.dim + slice;
+
+  if (label < 0) {  // skipped row: zero output, nothing folded (uniform over the block)
+    for (int e = threadIdx.x; e < kSlice; e += kThreads) {
+      if (slice + e < a.dim) out[e] = 0.0;
     }
     return;
   }
 
+  // ---- stream this warp's tokens
   const Storage* row = static_cast<const Storage*>(a.act) + b * a.stride_b;
   const float* weights = a.weights + b * a.tokens;
-  double acc[kItems] = {0.0, 0.0, 0.0, 0.0};
-  double weight_sum = 0.0;
-  for (int64_t t = 0; t < a.tokens; ++t) {
-    const double w = weights[t];
-    if (w == 0.0) continue;  // padding / special tokens are never read
-    weight_sum += w;
-    const Storage* token = row + t * a.stride_t;
+  double acc[kItems];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t d = chunk + threadIdx.x + int64_t(i) * kThreads;
-      if (d < a.dim) acc[i] += w * load_as_double(token + d * a.stride_d);
+  for (int i = 0; i < kItems; ++i) acc[i] = 0.0;
+  double weight_sum = 0.0;
+  // Items this lane owns that lie inside the hidden size (all or none on the fast path).
+  const int64_t first = slice + item_dim<kVector, kItems>(lane, 0);
+  for (int64_t t0 = warp; t0 < a.tokens; t0 += int64_t(kWarps) * kUnroll) {
+    Vec v[kUnroll];
+    float w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all weights first, so the row loads below issue back to back
+      const int64_t t = t0 + int64_t(u) * kWarps;
+      w[u] = t < a.tokens ? weights[t] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (w[u] == 0.0f) continue;  // padding / special tokens are never read (warp-uniform)
+      const Storage* token = row + (t0 + int64_t(u) * kWarps) * a.stride_t;
+      if (kVector) {
+        if (first < a.dim) v[u].raw = __ldg(reinterpret_cast<const uint4*>(token + first));
+      } else {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int64_t d = slice + item_dim<kVector, kItems>(lane, i);
+          if (d < a.dim) v[u].value[i] = token[d * a.stride_d];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (w[u] == 0.0f) continue;
+      const double weight = w[u];
+      weight_sum += weight;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t d = slice + item_dim<kVector, kItems>(lane, i);
+        if (d < a.dim) acc[i] += weight * to_double(v[u].value[i]);
+      }
     }
   }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) partial[warp][i][lane] = acc[i];
+  if (lane == 0) partial_weight[warp] = weight_sum;
+  __syncthreads();
 
+  // ---- pool, shift, write and fold; element e of the slice is (item e / 32, lane e % 32)
+  double total_weight = 0.0;
+#pragma unroll
+  for (int k = 0; k < kWarps; ++k) total_weight += partial_weight[k];
   const double* shift = a.shift ? a.shift + label * a.dim : nullptr;
+  double* sums = a.sums ? a.sums + label * a.dim : nullptr;
   double sqnorm = 0.0;
   bool finite = true;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int64_t d = chunk + threadIdx.x + int64_t(i) * kThreads;
+  for (int e = threadIdx.x; e < kSlice; e += kThreads) {
+    const int item = e >> 5, owner = e & 31;
+    const int64_t d = slice + item_dim<kVector, kItems>(owner, item);
     if (d >= a.dim) continue;
-    const double pooled = acc[i] / weight_sum;
+    double pooled = 0.0;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) pooled += partial[k][item][owner];
+    pooled /= total_weight;
     finite = finite && isfinite(pooled);
     const double x = shift ? pooled - shift[d] : pooled;
-    out[d] = x;
+    out[d - slice] = x;
     sqnorm += x * x;
-    if (a.sums) atomicAdd(a.sums + label * a.dim + d, x);
+    if (sums) atomicAdd(sums + d, x);
   }
 
   if (!finite && a.nonfinite) {
@@ -74,15 +151,35 @@ __global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
               static_cast<unsigned long long>(a.batch_index));
   }
   if (a.sqnorms) {
-    __shared__ double partial[kThreads / 32];
     sqnorm = warp_sum(sqnorm);
-    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sqnorm;
+    if (lane == 0) partial_sqnorm[warp] = sqnorm;
     __syncthreads();
     if (threadIdx.x == 0) {
       double total = 0.0;
-      for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+      for (int k = 0; k < kWarps; ++k) total += partial_sqnorm[k];
       atomicAdd(a.sqnorms + label, total);
     }
+  }
+}
+
+// The 16-byte fast path needs unit stride along the hidden size, whole vectors per
+// row and 16-byte aligned rows.
+template <typename Storage>
+bool vectorizable(const PoolFoldArgs& a) {
+  constexpr int64_t n = 16 / sizeof(Storage);
+  return a.stride_d == 1 && a.dim % n == 0 && a.stride_t % n == 0 && a.stride_b % n == 0 &&
+         reinterpret_cast<std::uintptr_t>(a.act) % 16 == 0;
+}
+
+template <typename Storage>
+void launch(const PoolFoldArgs& a, cudaStream_t stream) {
+  const bool vector = vectorizable<Storage>(a);
+  const int64_t slice = 32 * (vector ? int64_t(16 / sizeof(Storage)) : kScalarItems);
+  const dim3 grid(static_cast<unsigned>((a.dim + slice - 1) / slice), static_cast<unsigned>(a.batch));
+  if (vector) {
+    pool_fold_kernel<Storage, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    pool_fold_kernel<Storage, false><<<grid, kThreads, 0, stream>>>(a);
   }
 }
 
@@ -102,13 +199,11 @@ void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_han
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const dim3 grid(static_cast<unsigned>((a.dim + kThreads * kItems - 1) / (kThreads * kItems)),
-                  static_cast<unsigned>(a.batch));
   switch (a.dtype) {
-    case DType::kFloat32: pool_fold_kernel<float><<<grid, kThreads, 0, stream>>>(a); break;
-    case DType::kFloat64: pool_fold_kernel<double><<<grid, kThreads, 0, stream>>>(a); break;
-    case DType::kFloat16: pool_fold_kernel<Half><<<grid, kThreads, 0, stream>>>(a); break;
-    case DType::kBFloat16: pool_fold_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(a); break;
+    case DType::kFloat32: launch<float>(a, stream); break;
+    case DType::kFloat64: launch<double>(a, stream); break;
+    case DType::kFloat16: launch<Half>(a, stream); break;
+    case DType::kBFloat16: launch<BFloat16>(a, stream); break;
     default: throw std::invalid_argument("hsvfast: unsupported activation dtype code");
   }
   const cudaError_t launched = cudaGetLastError();

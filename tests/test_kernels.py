@@ -77,6 +77,22 @@ def test_odd_sizes(device, batch, tokens, dim):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,tokens", [(256, 3), (264, 37), (1000, 70)])
+@pytest.mark.parametrize("offset", [0, 8, 1])  # 0 and 8: 16-byte aligned rows (CUDA fast path); 1: not
+def test_fast_and_generic_paths_match_reference(device, dtype, dim, tokens, offset):
+    act, case = make_case(device, dtype, batch=6, tokens=tokens, dim=dim, classes=3, seed=dim + tokens)
+    wide = torch.randn(6, tokens, dim + 8, generator=torch.Generator().manual_seed(offset)).to(device, dtype) * 3 + 50
+    wide[:, :, offset : offset + dim] = act
+    act = wide[:, :, offset : offset + dim]
+    expected = run(act, case, "torch")
+    actual = run(act, case, compiled_backend(device))
+    for a, e in zip(actual[:3], expected[:3]):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
+    assert actual[3] == expected[3] == _kernels.NO_BAD_BATCH
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use", ["torch", "compiled"])
 def test_nan_in_padding_is_never_read_but_nan_in_tokens_is_reported(device, use):
     use = compiled_backend(device) if use == "compiled" else use
