@@ -49,6 +49,7 @@ def shard(items, rank: Optional[int] = None, world_size: Optional[int] = None) -
 
 def all_reduce_statistics(stats: Statistics, group=None) -> Statistics:
     """Sum the statistics of every rank into every rank's ``stats`` (in place; returns it)."""
+    stats.flush()  # staged rows are relative to the shifts this function replaces
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     mine = {"labels": stats.labels, "counts": stats.counts[: stats.num_classes].tolist(),

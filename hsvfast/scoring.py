@@ -19,7 +19,7 @@ from .metrics import DEFAULT_METRICS, check_metric_names, layer_metrics
 from .pooling import special_token_ids, token_weights
 from .report import Report
 from .distributed import all_reduce_statistics, is_distributed
-from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels
+from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels, per_class_bytes
 from .storage import load_statistics, save_statistics
 
 _LABEL_KEYS = ("labels", "label")
@@ -68,7 +68,8 @@ def score(
         progress: show a progress bar.
         strict: raise instead of skipping sequences with no token to pool.
         blocks: the model's ``nn.ModuleList`` of blocks, if it cannot be found.
-        max_memory: bytes allowed for per-class second moments, all layers together.
+        max_memory: bytes allowed for per-class second moments (and their staging buffers), all
+            layers together.
         autocast: run the forward under bfloat16 autocast. Default: on for a float32
             model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
         metrics: which metrics to compute (default ``["variability", "trace_ratio"]``);
@@ -110,7 +111,6 @@ def score(
     if autocast is None:
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    pin = device.type == "cuda"
     max_positions = _max_positions(model)
 
     current: Dict[str, Any] = {}
@@ -163,13 +163,13 @@ def score(
                         warned_empty = True
                 plan = stats.plan_batch(labels, poolable)
                 current["plan"] = plan
-                current["weights"] = _to_device(weights, device, pin)
+                current["weights"] = _to_device(weights, device)
                 if max_positions and batch["input_ids"].shape[1] > max_positions:
                     raise ValueError(
                         f"batch {batch_index} has sequences of {batch['input_ids'].shape[1]} tokens but the model "
                         f"takes at most {max_positions}; tokenize with truncation=True, max_length={max_positions}"
                     )
-                inputs = {k: _to_device(batch[k], device, pin) for k in _MODEL_INPUTS if k in batch}
+                inputs = {k: _to_device(batch[k], device) for k in _MODEL_INPUTS if k in batch}
                 try:
                     with precision:
                         model(**inputs, **forward_kwargs)
@@ -338,12 +338,13 @@ def _describe(model: nn.Module, blocks: nn.ModuleList, pooling: str, device: tor
     }
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    """Copy a host tensor to the device without blocking the host (pinned staging on CUDA)."""
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a tensor to the device; asynchronous when the loader pinned it (``pin_memory=True``).
+
+    hsvfast does not pin batches itself: on an H100 that measured no faster (benchmarks/RESULTS.md).
+    """
     if tensor.device == device:
         return tensor
-    if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
 
@@ -386,7 +387,7 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
     for key in _LABEL_KEYS:
         if key in columns:
             counts = collections.Counter(normalise_labels(np.asarray(dataset[key])))
-            if 8 * len(counts) * hidden * hidden * num_layers > max_memory:
+            if num_layers * per_class_bytes(len(counts), hidden) > max_memory:
                 return dict(counts)
     return None
 

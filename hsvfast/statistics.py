@@ -11,6 +11,12 @@ Per layer and class c the accumulator holds, in float64 on the activations' devi
   class-balanced matrix ``Σ x xᵀ / N_c`` when the class counts N_c are known
   before the pass (``mode="balanced"``: memory d² instead of C·d²).
 
+In per-class mode the pooled rows of each class are first staged in a buffer
+per layer and folded into the class's second moment R rows at a time (one GEMM
+with inner size R instead of a thin one per class per batch; the buffer is at
+most half the size of the second moments). :meth:`Statistics.flush` folds what
+is staged; everything that reads or moves the moments calls it first.
+
 Counts are exact integers on the host. Everything is a sum, so batches, parts of
 a corpus and processes merge by addition. The finished metrics are derived in
 :mod:`hsvfast.metrics`.
@@ -27,6 +33,23 @@ from . import _kernels
 
 #: Default cap on the memory of per-class second-moment matrices, all layers together.
 DEFAULT_MAX_MEMORY = 4 << 30
+#: Rows staged per class before a Gram update: about this many rows over all classes,
+#: at least _MIN_STAGE, at most _MAX_STAGE and half the hidden size (unless a batch needs more).
+_STAGE_BUDGET, _MIN_STAGE, _MAX_STAGE = 4096, 16, 1024
+
+
+def stage_rows(num_classes: int, hidden_size: Optional[int] = None) -> int:
+    """Rows staged per class before its Gram update (see the module docstring)."""
+    rows = min(_MAX_STAGE, max(_MIN_STAGE, _STAGE_BUDGET // max(1, num_classes)))
+    if hidden_size is not None:
+        rows = min(rows, max(_MIN_STAGE, hidden_size // 2))
+    return rows
+
+
+def per_class_bytes(num_classes: int, hidden_size: int) -> int:
+    """Bytes of one layer's per-class second moments and their staging buffer (float64)."""
+    staged_rows = num_classes * stage_rows(num_classes, hidden_size) + 1
+    return 8 * hidden_size * (num_classes * hidden_size + staged_rows)
 
 
 @dataclass
@@ -39,6 +62,7 @@ class LayerMoments:
     sqnorms: torch.Tensor
     second: Optional[torch.Tensor]
     nonfinite: torch.Tensor
+    staged: Optional[torch.Tensor] = None  # (capacity·R + 1, d) rows awaiting the Gram update (per-class mode)
 
     @classmethod
     def empty(cls, hidden_size: int, capacity: int, mode: str, device: torch.device) -> "LayerMoments":
@@ -96,7 +120,7 @@ class Statistics:
             moments to one class-balanced matrix per layer. The pass must then see
             exactly these counts.
         second_moments: False keeps only what the trace metrics need (O(C·d)).
-        max_memory: cap in bytes on per-class second moments (all layers together).
+        max_memory: cap in bytes on per-class second moments and their staging buffers (all layers).
     """
 
     def __init__(
@@ -123,6 +147,9 @@ class Statistics:
             self.class_counts = _check_class_counts(class_counts)
         else:
             self.mode = "per_class"
+        self._staged: Optional[np.ndarray] = None  # rows staged per class, shared by all layers
+        self._stage_rows = 0                       # R: staged rows per class (per-class mode)
+        self._largest_class_batch = 0
         self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
         self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
         #: What the statistics describe (model name, pooling, dtype …): saved with them and
@@ -130,6 +157,18 @@ class Statistics:
         self.info: Dict[str, Any] = {}
 
     # ----------------------------------------------------------------- labels
+    @property
+    def capacity(self) -> int:
+        """Classes the accumulators have room for (they grow by doubling)."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        if self._staged is not None and self._staged.any():
+            raise RuntimeError("internal: flush() the staged rows before changing the capacity")
+        self._capacity = int(value)
+        self._staged = np.zeros(self._capacity, np.int64)
+
     @property
     def num_classes(self) -> int:
         return len(self.labels)
@@ -172,17 +211,67 @@ class Statistics:
         for cid in np.flatnonzero(batch_counts):
             segments.append((int(cid), start, start + int(batch_counts[cid])))
             start += int(batch_counts[cid])
+        if self.mode == "per_class":
+            out_rows = self._stage_batch(order, segments, batch_counts, out_rows)
         plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
-        dev = dict(device=self.device)
-        plan.device_tensors["class_ids"] = torch.from_numpy(class_ids).to(non_blocking=True, **dev)
-        plan.device_tensors["out_rows"] = torch.from_numpy(out_rows).to(non_blocking=True, **dev)
+        # One host-to-device copy for both index vectors.
+        indices = torch.from_numpy(np.concatenate([class_ids, out_rows])).to(self.device, non_blocking=True)
+        plan.device_tensors["class_ids"], plan.device_tensors["out_rows"] = indices[: len(labels)], indices[len(labels):]
         if self.mode == "balanced":
             totals = np.array([self.class_counts[label] for label in self.labels], dtype=np.float64)
             row_scale = np.zeros(len(labels))
             for cid, a, b in segments:
                 row_scale[a:b] = 1.0 / totals[cid]
-            plan.device_tensors["row_scale"] = torch.from_numpy(row_scale).to(non_blocking=True, **dev)
+            plan.device_tensors["row_scale"] = torch.from_numpy(row_scale).to(self.device, non_blocking=True)
         return plan
+
+    # ---------------------------------------------------------------- staging
+    def _stage_target(self) -> int:
+        sizes = [m.hidden_size for m in self.moments if m is not None]
+        return max(stage_rows(self.capacity, min(sizes) if sizes else None), self._largest_class_batch)
+
+    def _stage_batch(self, order: np.ndarray, segments: List[tuple], batch_counts: np.ndarray,
+                     out_rows: np.ndarray) -> np.ndarray:
+        """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first."""
+        if len(batch_counts):
+            self._largest_class_batch = max(self._largest_class_batch, int(batch_counts.max()))
+        target = self._stage_target()
+        if target != self._stage_rows:  # layout change (first batch, more classes, a larger batch)
+            self.flush()
+            self._stage_rows = target
+        rows = self._stage_rows
+        full = [cid for cid, a, b in segments if self._staged[cid] + (b - a) > rows]
+        if full:
+            self._flush_classes(full)
+        staged_rows = np.full(len(order), self.capacity * rows, dtype=np.int64)  # last row: skipped sequences
+        for cid, a, b in segments:
+            staged_rows[a:b] = cid * rows + self._staged[cid] + np.arange(b - a)
+            self._staged[cid] += b - a
+        result = np.empty_like(out_rows)
+        result[order] = staged_rows  # order[j] is the input row placed j-th
+        return result
+
+    def flush(self) -> None:
+        """Fold every staged row into the per-class second moments (no-op in other modes)."""
+        if self.mode == "per_class" and self._staged.any():
+            self._flush_classes(np.flatnonzero(self._staged).tolist())
+
+    def _flush_classes(self, classes: Sequence[int]) -> None:
+        rows = self._stage_rows
+        with torch.inference_mode():  # the moments may be inference tensors (made inside score)
+            for m in self.moments:
+                if m is None or m.staged is None:
+                    continue
+                for cid in classes:
+                    block = m.staged[cid * rows : cid * rows + int(self._staged[cid])]
+                    m.second[cid].addmm_(block.T, block)
+        self._staged[list(classes)] = 0
+
+    def _staging_buffer(self, m: "LayerMoments") -> torch.Tensor:
+        needed = self.capacity * self._stage_rows + 1
+        if m.staged is None or m.staged.shape[0] != needed:  # only ever resized with nothing staged
+            m.staged = torch.empty(needed, m.hidden_size, dtype=torch.float64, device=m.shift.device)
+        return m.staged
 
     def finish_batch(self, plan: BatchPlan) -> None:
         """Commit a batch's counts once every layer has folded it."""
@@ -193,6 +282,7 @@ class Statistics:
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
+        self.flush()  # the staging layout depends on the capacity
         capacity = max(needed, 2 * self.capacity)
         self._check_memory(capacity, [m.hidden_size for m in self.moments if m is not None])
         for m in self.moments:
@@ -203,10 +293,11 @@ class Statistics:
     def _check_memory(self, capacity: int, hidden_sizes: List[int]) -> None:
         if self.mode != "per_class" or not hidden_sizes:
             return
-        needed_bytes = sum(8 * capacity * d * d for d in hidden_sizes)
+        needed_bytes = sum(per_class_bytes(capacity, d) for d in hidden_sizes)
         if needed_bytes > self.max_memory:
             raise MemoryError(
-                f"per-class covariance statistics for {capacity} classes over {len(hidden_sizes)} layers "
+                f"per-class covariance statistics (with their staging buffers) for {capacity} classes over "
+                f"{len(hidden_sizes)} layers "
                 f"(hidden size {max(hidden_sizes)}) would need {needed_bytes / 2**30:.2f} GiB, over the limit of "
                 f"{self.max_memory / 2**30:.2f} GiB. Pass class_counts={{label: count, ...}} (e.g. "
                 "collections.Counter of your dataset's label column) so hsvfast keeps one class-balanced "
@@ -233,15 +324,15 @@ class Statistics:
             _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
 
         tensors = plan.device_tensors
-        x = torch.empty(act.shape[0], m.hidden_size, dtype=torch.float64, device=act.device)
+        if self.mode == "per_class":  # rows go to the staging buffer; flushes make the Gram updates
+            x = self._staging_buffer(m)
+        else:
+            x = torch.empty(act.shape[0], m.hidden_size, dtype=torch.float64, device=act.device)
         _kernels.pool_fold(
             act, weights, x, labels=tensors["class_ids"], out_rows=tensors["out_rows"], shift=m.shift,
-            sums=m.sums, sqnorms=m.sqnorms, nonfinite=m.nonfinite, batch_index=plan.index,
+            sums=m.sums, sqnorms=m.sqnorms, nonfinite=m.nonfinite, batch_index=plan.index, validate=False,
         )
-        if self.mode == "per_class":
-            for cid, a, b in plan.segments:
-                m.second[cid].addmm_(x[a:b].T, x[a:b])
-        elif self.mode == "balanced":
+        if self.mode == "balanced":
             m.second.addmm_((x * tensors["row_scale"].unsqueeze(1)).T, x)
         if act.device.type == "cpu":  # free to check at once; on a GPU it waits for the end
             self.check_finite(position)
@@ -291,6 +382,8 @@ class Statistics:
             )
         if self.mode == "balanced" and other.class_counts != self.class_counts:
             raise ValueError("cannot merge statistics built with different class_counts")
+        self.flush()
+        other.flush()
         new_labels = [label for label in other.labels if label not in self._class_of]
         for label in new_labels:
             self._class_of[label] = len(self.labels)
@@ -344,6 +437,7 @@ class Statistics:
 
     def class_moments(self, position: int) -> "ClassMoments":
         """Counts, means and the paper's class-balanced within-class covariance of one layer."""
+        self.flush()
         m = self.moments[position]
         c = self.num_classes
         n = torch.as_tensor(self.counts[:c], dtype=torch.float64, device=m.sums.device)

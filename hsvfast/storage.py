@@ -25,6 +25,7 @@ FORMAT = "hsvfast-statistics/1"
 
 
 def _tensors(stats: Statistics) -> Dict[str, torch.Tensor]:
+    stats.flush()
     c = stats.num_classes
     out = {"counts": torch.from_numpy(stats.counts[:c].copy())}
     for position, m in enumerate(stats.moments):

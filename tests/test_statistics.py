@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from hsvfast import Statistics
+from hsvfast.statistics import per_class_bytes, stage_rows
 from hsvfast.metrics import layer_metrics
 import reference as ref
+from conftest import DEVICES
 
 DIM = 24
 
@@ -87,6 +89,40 @@ def test_matches_reference_on_pooled_features(kernel_backend):
                                    atol=1e-9 * np.abs(within).max())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_gram_updates_survive_layout_changes_and_saves(device, tmp_path):
+    """Per-class rows are staged and folded R at a time: overflowing classes, classes that
+    arrive late (capacity doubles), one batch larger than R, and a save in the middle all
+    give the reference's numbers."""
+    tokens, labels = corpus(seed=7, n=300, classes=6)
+    order = np.argsort(-labels, kind="stable")  # class 5 first … classes 1 and 0 only at the end
+    sizes = [5, 30, 3] + [9] * 40              # 30 rows of class 5 in one batch > R = DIM // 2
+    stats = Statistics([0, 1], device=device)
+    start = 0
+    for step, size in enumerate(sizes):
+        rows = order[start : start + size]
+        start += size
+        if not len(rows):
+            break
+        act, weights, batch_labels = next(batches(tokens, labels, rows, len(rows)))
+        plan = stats.plan_batch(batch_labels, np.ones(len(rows), bool))
+        for position in range(2):
+            stats.fold(position, (act * (position + 1)).to(device), weights.to(device), plan)
+        stats.finish_batch(plan)
+        if step == 4:
+            stats.save(tmp_path / "mid.safetensors")  # flushes; the pass goes on
+            assert not stats._staged.any()
+    assert np.sum(labels == 5) >= 35 and start >= len(order) and stats._stage_rows == 30
+    pooled = np.stack([t.mean(0) for t in tokens])
+    for position in range(2):
+        features = pooled * (position + 1)
+        got = layer_metrics(stats.class_moments(position))
+        assert ref.relative_error(got["variability"], ref.rank_aware_variability(features, labels)) <= 1e-9
+        _, within, _ = ref.class_moments(features, labels)
+        np.testing.assert_allclose(stats.class_moments(position).within_matrix().cpu().numpy(), within, rtol=1e-7,
+                                   atol=1e-9 * np.abs(within).max())
+
+
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_batch_size_order_and_padding_do_not_matter(kernel_backend, batch_size):
     tokens, labels = corpus(seed=1)
@@ -148,6 +184,16 @@ def test_many_classes_without_counts_hits_the_memory_cap():
     tokens, labels = corpus(seed=6, n=200, classes=40)
     with pytest.raises(MemoryError, match="class_counts"):
         accumulate(tokens, labels, np.arange(len(labels)), 50, max_memory=10 * 2 * 8 * DIM * DIM)
+
+
+def test_memory_cap_counts_the_staging_buffers():
+    tokens, labels = corpus(seed=6, n=60, classes=3)
+    matrices_only = 2 * 4 * 8 * DIM * DIM  # 2 layers × capacity 4 × d² float64
+    staged = 2 * 8 * DIM * (4 * stage_rows(4, DIM) + 1)
+    assert per_class_bytes(4, DIM) * 2 == matrices_only + staged
+    with pytest.raises(MemoryError, match="staging"):
+        accumulate(tokens, labels, np.arange(len(labels)), 8, max_memory=matrices_only + staged - 1)
+    accumulate(tokens, labels, np.arange(len(labels)), 8, max_memory=matrices_only + staged)
 
 
 def test_class_counts_must_match_what_was_seen():
