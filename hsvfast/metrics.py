@@ -30,11 +30,11 @@ DEFAULT_METRICS = ("variability", "trace_ratio")
 
 def helmert_basis(num_classes: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """C×(C−1) orthonormal columns, each orthogonal to the all-ones vector (Helmert contrasts)."""
-    q = torch.zeros(num_classes, num_classes - 1, dtype=dtype, device=device)
+    q = torch.zeros(num_classes, num_classes - 1, dtype=dtype)  # built on the host: 2C tiny writes
     for k in range(1, num_classes):
         q[:k, k - 1] = 1.0 / math.sqrt(k * (k + 1))
         q[k, k - 1] = -k / math.sqrt(k * (k + 1))
-    return q
+    return q.to(device)
 
 
 def between_class_directions(means: torch.Tensor):
@@ -46,11 +46,12 @@ def between_class_directions(means: torch.Tensor):
     """
     num_classes, dim = means.shape
     m = means.T @ helmert_basis(num_classes, means.dtype, means.device)  # d×(C−1)
-    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    # A thin d×(C−1) SVD is microseconds in LAPACK but a slow, synchronising solver call on a GPU.
+    u, s, _ = torch.linalg.svd(m.cpu(), full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
-        return u[:, :0], s[:0]
+        return u[:, :0].to(means.device), s[:0].to(means.device)
     keep = s > max(dim, num_classes) * torch.finfo(s.dtype).eps * s[0]
-    return u[:, keep], s[keep]
+    return u[:, keep].to(means.device), s[keep].to(means.device)
 
 
 def variability_from_moments(means: torch.Tensor, within_quadratic: Callable[[torch.Tensor], torch.Tensor]) -> float:

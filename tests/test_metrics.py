@@ -31,7 +31,8 @@ def test_binary_closed_form():
     assert ref.relative_error(hsvfast.variability(features, labels), ref.binary_variability(features, labels)) <= 1e-9
 
 
-@pytest.mark.parametrize("case", ["huge_means_tiny_variance", "imbalance", "many_classes", "few_per_class"])
+@pytest.mark.parametrize("case", ["huge_means_tiny_variance", "imbalance", "many_classes", "few_per_class",
+                                  "wide_with_massive_activations"])
 def test_adversarial(case):
     rng = np.random.default_rng(7)
     if case == "huge_means_tiny_variance":
@@ -43,6 +44,12 @@ def test_adversarial(case):
         features = rng.normal(size=(len(labels), 32)) + labels[:, None] * 0.5
     elif case == "many_classes":
         features, labels = gaussian_classes(rng, 77, 96, per_class=12, offset=50.0)
+    elif case == "wide_with_massive_activations":
+        # Llama-like residual stream: d = 2048, a few dimensions at 1e3. A d×d pinv of Σ_b (what
+        # hand-written code does) inverts round-off there and returns ~1e14 (seen on Llama-1B).
+        labels = rng.integers(0, 2, 2500)
+        features = rng.normal(size=(len(labels), 2048)) + 0.05 * labels[:, None]
+        features[:, :4] += 1e3
     else:
         features, labels = gaussian_classes(rng, 4, 200, per_class=3)  # N < d: Σ_w singular
     expected = ref.rank_aware_variability(features, labels)
