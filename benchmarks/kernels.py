@@ -19,6 +19,9 @@ import torch
 
 from hsvfast import _kernels
 
+LAUNCHES = 10  # kernel launches per CUDA graph replay
+ROTATE_BYTES = 256 << 20  # inputs rotated per replay: well over a GPU's L2 cache (50-60 MB on H100/H200)
+
 CASES = [  # (batch, tokens, hidden)
     (64, 32, 384),
     (64, 128, 1024),
@@ -26,8 +29,11 @@ CASES = [  # (batch, tokens, hidden)
 ]
 
 
-def make(batch, tokens, dim, dtype, device, classes=2):
-    act = torch.randn(batch, tokens, dim, device=device).to(dtype)
+def make(batch, tokens, dim, dtype, device, classes=2, misaligned=False):
+    if misaligned:  # a view one element into a wider buffer: the strided (generic) code path
+        act = torch.randn(batch, tokens, dim + 1, device=device).to(dtype)[:, :, 1:]
+    else:
+        act = torch.randn(batch, tokens, dim, device=device).to(dtype)
     weights = torch.ones(batch, tokens, device=device)
     weights[:, tokens * 3 // 4 :] = 0  # a quarter padding, never read
     labels = torch.arange(batch, device=device) % classes
@@ -39,17 +45,34 @@ def make(batch, tokens, dim, dtype, device, classes=2):
     return act, weights, labels, out_rows, state
 
 
-def time_it(fn, device, repeats):
+def time_it(fns, device, repeats, graphed=True):
+    """Median seconds of one call of ``fns`` (calls on rotating copies of the input, so a GPU's
+    L2 cache does not hold the data from one call to the next). On CUDA the calls are replayed
+    from a captured CUDA graph (``LAUNCHES`` per replay), so the host's launch overhead (Python,
+    argument checks) stays out of the device time; ``graphed=False`` times eager launches."""
+    fn = fns[0]
     fn()
+    replay, per_sample = fn, 1
+    if device == "cuda" and graphed:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up on the capture stream, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(LAUNCHES):
+                fns[i % len(fns)]()
+        replay, per_sample = graph.replay, LAUNCHES
     samples = []
     for _ in range(repeats):
         if device == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            replay()
             stop.record()
             stop.synchronize()
-            samples.append(start.elapsed_time(stop) / 1e3)
+            samples.append(start.elapsed_time(stop) / 1e3 / per_sample)
         else:
             began = time.perf_counter()
             fn()
@@ -63,29 +86,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--small", action="store_true")
     args = parser.parse_args()
-    cases = [(4, 7, 131)] if args.small else CASES
+    # Small: one case for each CUDA path (hidden size 131: generic; 264: 16-byte loads).
+    cases = [(4, 7, 131), (3, 37, 264)] if args.small else CASES
     backend = _kernels.backend(args.device)
     print(f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} backend={backend} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}\n")
     print("| B×T×d | dtype | kernel ms | kernel GB/s | copy GB/s (read+write) | kernel/copy | "
-          "copy read GB/s | kernel/copy read |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for batch, tokens, dim in cases:
-        for dtype in (torch.float32, torch.bfloat16):
-            act, weights, labels, out_rows, state = make(batch, tokens, dim, dtype, args.device)
-            kernel = lambda: _kernels.pool_fold(act, weights, state["out"], labels=labels, out_rows=out_rows,  # noqa: E731
-                                                shift=state["shift"], sums=state["sums"], sqnorms=state["sqnorms"],
-                                                nonfinite=state["nonfinite"])
-            target = torch.empty_like(act)
-            copy = lambda: target.copy_(act)  # noqa: E731
-            seconds = time_it(kernel, args.device, args.repeats)
-            copy_seconds = time_it(copy, args.device, args.repeats)
-            attended = act.element_size() * batch * (tokens * 3 // 4) * dim
-            kernel_bw = attended / seconds / 1e9
-            copy_bw = 2 * act.numel() * act.element_size() / copy_seconds / 1e9
-            print(f"| {batch}×{tokens}×{dim} | {str(dtype).replace('torch.', '')} | {seconds * 1e3:.3f} | "
-                  f"{kernel_bw:.1f} | {copy_bw:.1f} | {kernel_bw / copy_bw:.2f} | {copy_bw / 2:.1f} | "
-                  f"{2 * kernel_bw / copy_bw:.2f} |")
+          "copy read GB/s | kernel/copy read | one eager launch ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    runs = [(case, dtype, False) for case in cases for dtype in (torch.float32, torch.bfloat16)]
+    if not args.small:
+        runs += [((64, 128, 1024), dtype, True) for dtype in (torch.float32, torch.bfloat16)]
+    for (batch, tokens, dim), dtype, misaligned in runs:
+        act, weights, labels, out_rows, state = make(batch, tokens, dim, dtype, args.device, misaligned=misaligned)
+        copies = max(1, min(LAUNCHES, -(-ROTATE_BYTES // (act.numel() * act.element_size()))))
+        acts = [act] + [act.clone() if act.is_contiguous() else make(batch, tokens, dim, dtype, args.device,
+                                                                     misaligned=misaligned)[0]
+                        for _ in range(copies - 1)]
+        kernels = [lambda a=a: _kernels.pool_fold(a, weights, state["out"], labels=labels, out_rows=out_rows,
+                                                  shift=state["shift"], sums=state["sums"],
+                                                  sqnorms=state["sqnorms"], nonfinite=state["nonfinite"])
+                   for a in acts]
+        targets = [torch.empty(act.shape, dtype=act.dtype, device=act.device) for _ in acts]
+        copy_fns = [lambda a=a, t=t: t.copy_(a) for a, t in zip(acts, targets)]
+        seconds = time_it(kernels, args.device, args.repeats)
+        copy_seconds = time_it(copy_fns, args.device, args.repeats)
+        eager = time_it(kernels, args.device, args.repeats, graphed=False)
+        attended = act.element_size() * batch * (tokens * 3 // 4) * dim
+        kernel_bw = attended / seconds / 1e9
+        copy_bw = 2 * act.numel() * act.element_size() / copy_seconds / 1e9
+        print(f"| {batch}×{tokens}×{dim}{' view' if misaligned else ''} | {str(dtype).replace('torch.', '')} | {seconds * 1e3:.3f} | "
+              f"{kernel_bw:.1f} | {copy_bw:.1f} | {kernel_bw / copy_bw:.2f} | {copy_bw / 2:.1f} | "
+              f"{2 * kernel_bw / copy_bw:.2f} | {eager * 1e3:.3f} |")
     if args.device == "cuda":
         torch.cuda.synchronize()
     assert int(state["nonfinite"].item()) == _kernels.NO_BAD_BATCH

@@ -25,6 +25,16 @@ def truncated(model: nn.Module, num_blocks: int):
             setattr(config, key, value)
 
 
+def on_device(batch, model):
+    """The batch's tensors on the model's device, copied without blocking (labels stay on the host).
+
+    Loaders yield host tensors (pinned, with ``pin_memory=True``); every method pays this copy.
+    """
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "labels" else v
+            for k, v in batch.items()}
+
+
 def model_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from .common import mean_pool, model_inputs
+from .common import mean_pool, model_inputs, on_device
 
 
 def variability_numpy(features: np.ndarray, labels: np.ndarray) -> float:
@@ -19,6 +19,7 @@ def hand_written(model, batches, layers):
     labels = []
     with torch.inference_mode():
         for batch in batches:
+            batch = on_device(batch, model)
             states = model(**model_inputs(batch), output_hidden_states=True).hidden_states
             for k in layers:
                 pooled[k].append(mean_pool(states[k + 1], batch).cpu())

@@ -6,7 +6,7 @@ class after every batch, metric in float32 on the CPU with a d×d pseudo-inverse
 """
 import torch
 
-from .common import mean_pool, model_inputs, truncated
+from .common import mean_pool, model_inputs, on_device, truncated
 
 
 def compute_nc(features_per_class):
@@ -23,6 +23,7 @@ def one_layer(model, batches, layer: int) -> float:
     features = {}
     with truncated(model, layer + 1), torch.inference_mode():
         for batch in batches:
+            batch = on_device(batch, model)
             states = model(**model_inputs(batch), output_hidden_states=True).hidden_states
             pooled = mean_pool(states[layer + 1], batch).cpu()
             for c in batch["labels"].unique().tolist():
