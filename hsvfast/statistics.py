@@ -340,12 +340,16 @@ class Statistics:
     def check_finite(self, position: Optional[int] = None) -> None:
         """Raise ValueError naming the layer and batch if a pooled value was NaN or Inf."""
         positions = range(len(self.layers)) if position is None else [position]
-        for p in positions:
-            m = self.moments[p]
-            if m is not None and int(m.nonfinite.item()) != _kernels.NO_BAD_BATCH:
+        present = [p for p in positions if self.moments[p] is not None]
+        if not present:
+            return
+        # One device-to-host copy for all layers (on a GPU each .item() would be a sync).
+        first_bad = torch.cat([self.moments[p].nonfinite for p in present]).tolist()
+        for p, batch in zip(present, first_bad):
+            if batch != _kernels.NO_BAD_BATCH:
                 raise ValueError(
                     f"layer {self.layers[p]}: non-finite (NaN or Inf) hidden states in batch "
-                    f"{int(m.nonfinite.item())} (0-based). Check the inputs of that batch; in float16, "
+                    f"{batch} (0-based). Check the inputs of that batch; in float16, "
                     "activations can overflow: run the model in bfloat16 or float32."
                 )
 
