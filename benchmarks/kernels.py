@@ -60,10 +60,14 @@ def time_it(fns, device, repeats, graphed=True):
             fn()  # warm-up on the capture stream, as torch.cuda.graph asks
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(LAUNCHES):
-                fns[i % len(fns)]()
-        replay, per_sample = graph.replay, LAUNCHES
+        try:
+            with torch.cuda.graph(graph):
+                for i in range(LAUNCHES):
+                    fns[i % len(fns)]()
+            replay, per_sample = graph.replay, LAUNCHES
+        except RuntimeError as error:  # keep the table: fall back to eager launches, and say so
+            print(f"(CUDA graph capture failed, timing eager launches instead: {error})")
+            torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
         if device == "cuda":
