@@ -9,43 +9,30 @@ ENCODERS = ("bert", "roberta", "distilbert", "electra", "deberta")
 DECODERS = ("gpt2", "llama", "qwen2", "mistral")
 
 
+# kind -> (config class, model class, arguments beyond the common ones)
+_STANDARD = {
+    "bert": (tf.BertConfig, tf.BertModel, {}),
+    "roberta": (tf.RobertaConfig, tf.RobertaModel, dict(pad_token_id=1)),
+    "electra": (tf.ElectraConfig, tf.ElectraModel, dict(embedding_size=16)),
+    "deberta": (tf.DebertaV2Config, tf.DebertaV2Model, {}),
+    "llama": (tf.LlamaConfig, tf.LlamaModel, dict(num_key_value_heads=2)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2Model, dict(num_key_value_heads=2)),
+    "mistral": (tf.MistralConfig, tf.MistralModel, dict(num_key_value_heads=2)),
+}
+
+
 def tiny_model(kind: str):
-    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
-    if kind == "bert":
-        config = tf.BertConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                               intermediate_size=37, **common)
-        model = tf.BertModel(config)
-    elif kind == "roberta":
-        config = tf.RobertaConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                                  intermediate_size=37, pad_token_id=1, **common)
-        model = tf.RobertaModel(config)
-    elif kind == "electra":
-        config = tf.ElectraConfig(hidden_size=HIDDEN, embedding_size=16, num_hidden_layers=DEPTH,
-                                  num_attention_heads=4, intermediate_size=37, **common)
-        model = tf.ElectraModel(config)
-    elif kind == "deberta":
-        config = tf.DebertaV2Config(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                                    intermediate_size=37, **common)
-        model = tf.DebertaV2Model(config)
-    elif kind == "mistral":
-        config = tf.MistralConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=37, **common)
-        model = tf.MistralModel(config)
+    if kind in _STANDARD:
+        config_class, model_class, extra = _STANDARD[kind]
+        model = model_class(config_class(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=HIDDEN,
+                                         num_hidden_layers=DEPTH, num_attention_heads=4, intermediate_size=37,
+                                         **extra))
     elif kind == "distilbert":
-        config = tf.DistilBertConfig(dim=HIDDEN, n_layers=DEPTH, n_heads=4, hidden_dim=37, **common)
-        model = tf.DistilBertModel(config)
+        model = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=VOCAB, max_position_embeddings=64, dim=HIDDEN,
+                                                       n_layers=DEPTH, n_heads=4, hidden_dim=37))
     elif kind == "gpt2":
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=DEPTH, n_head=4, n_positions=64,
-                                bos_token_id=0, eos_token_id=2)
-        model = tf.GPT2Model(config)
-    elif kind == "llama":
-        config = tf.LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                                num_key_value_heads=2, intermediate_size=37, **common)
-        model = tf.LlamaModel(config)
-    elif kind == "qwen2":
-        config = tf.Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=DEPTH, num_attention_heads=4,
-                                num_key_value_heads=2, intermediate_size=37, **common)
-        model = tf.Qwen2Model(config)
+        model = tf.GPT2Model(tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=DEPTH, n_head=4, n_positions=64,
+                                           bos_token_id=0, eos_token_id=2))
     else:
         raise ValueError(kind)
     torch.manual_seed(0)
