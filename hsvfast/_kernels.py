@@ -86,15 +86,15 @@ def pool_fold(
             nonfinite.clamp_(max=batch_index)
         return
 
-    for name, tensor, dtype in () if not validate else (
-        ("weights", weights, torch.float32), ("out", out, torch.float64), ("labels", labels, torch.int64),
-        ("out_rows", out_rows, torch.int64), ("shift", shift, torch.float64), ("sums", sums, torch.float64),
-        ("sqnorms", sqnorms, torch.float64), ("nonfinite", nonfinite, torch.int64),
-    ):
-        if tensor is None:
-            continue
-        if tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device != act.device:
-            raise ValueError(f"pool_fold: {name} must be a contiguous {dtype} tensor on {act.device}")
+    if validate:
+        for name, tensor, dtype in (
+            ("weights", weights, torch.float32), ("out", out, torch.float64), ("labels", labels, torch.int64),
+            ("out_rows", out_rows, torch.int64), ("shift", shift, torch.float64), ("sums", sums, torch.float64),
+            ("sqnorms", sqnorms, torch.float64), ("nonfinite", nonfinite, torch.int64),
+        ):
+            if tensor is not None and (tensor.dtype != dtype or not tensor.is_contiguous()
+                                       or tensor.device != act.device):
+                raise ValueError(f"pool_fold: {name} must be a contiguous {dtype} tensor on {act.device}")
     batch, tokens, dim = act.shape
     args = (
         act.data_ptr(), _DTYPE_CODES[act.dtype], batch, tokens, dim, *act.stride(),

@@ -212,7 +212,7 @@ class Statistics:
             segments.append((int(cid), start, start + int(batch_counts[cid])))
             start += int(batch_counts[cid])
         if self.mode == "per_class":
-            out_rows = self._stage_batch(order, segments, batch_counts, out_rows)
+            out_rows = self._stage_batch(order, segments, batch_counts)
         plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
         # One host-to-device copy for both index vectors.
         indices = torch.from_numpy(np.concatenate([class_ids, out_rows])).to(self.device, non_blocking=True)
@@ -230,8 +230,7 @@ class Statistics:
         sizes = [m.hidden_size for m in self.moments if m is not None]
         return max(stage_rows(self.capacity, min(sizes) if sizes else None), self._largest_class_batch)
 
-    def _stage_batch(self, order: np.ndarray, segments: List[tuple], batch_counts: np.ndarray,
-                     out_rows: np.ndarray) -> np.ndarray:
+    def _stage_batch(self, order: np.ndarray, segments: List[tuple], batch_counts: np.ndarray) -> np.ndarray:
         """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first."""
         if len(batch_counts):
             self._largest_class_batch = max(self._largest_class_batch, int(batch_counts.max()))
@@ -247,7 +246,7 @@ class Statistics:
         for cid, a, b in segments:
             staged_rows[a:b] = cid * rows + self._staged[cid] + np.arange(b - a)
             self._staged[cid] += b - a
-        result = np.empty_like(out_rows)
+        result = np.empty_like(order)
         result[order] = staged_rows  # order[j] is the input row placed j-th
         return result
 
