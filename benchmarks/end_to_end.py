@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hsvfast  # noqa: E402
+from baselines.common import model_inputs, on_device  # noqa: E402
 from baselines.floor import bare_forward  # noqa: E402
 from baselines.hand_written import hand_written  # noqa: E402
 from baselines.paper_procedure import paper_end_to_end, paper_procedure  # noqa: E402
@@ -140,8 +141,6 @@ def timed(fn, device):
 
 def last_hidden_is_block_output(model, batch) -> bool:
     """Whether output_hidden_states[-1] is the last block's output (False after a final norm)."""
-    from baselines.common import model_inputs, on_device
-
     blocks = hsvfast.find_blocks(model)
     seen = {}
     handle = blocks[len(blocks) - 1].register_forward_hook(lambda m, a, out: seen.update(out=out))

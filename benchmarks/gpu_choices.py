@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hsvfast  # noqa: E402
-from baselines.common import model_inputs, truncated  # noqa: E402
+from baselines.floor import bare_forward  # noqa: E402
 from end_to_end import synthetic_batches, warm_up  # noqa: E402
 
 
@@ -38,11 +38,10 @@ def make_model(attention: str, device: str):
 
 
 def floor(model, batches, device, autocast: bool) -> None:
+    """The bare forward of every block, under bf16 autocast or not."""
     precision = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    deepest = len(hsvfast.find_blocks(model))
-    with truncated(model, deepest), torch.inference_mode(), precision:
-        for batch in batches:
-            model(**{k: v.to(device) for k, v in model_inputs(batch).items()})
+    with precision:
+        bare_forward(model, batches, len(hsvfast.find_blocks(model)) - 1)
 
 
 def main() -> None:
@@ -56,16 +55,15 @@ def main() -> None:
     sdpa, eager = make_model("sdpa", device), make_model("eager", device)
     batches, real_tokens, _ = synthetic_batches(args.examples, args.batch_size)
 
-    def score(model, **kwargs):
-        return np.array(hsvfast.score(model, batches, device=device, **kwargs).metrics["variability"])
+    def score(model, data=batches, **kwargs):
+        return np.array(hsvfast.score(model, data, device=device, **kwargs).metrics["variability"])
 
     pinned = [{k: v.pin_memory() for k, v in b.items()} for b in batches] if device == "cuda" else batches
 
     methods = {
         "hsvfast default (bf16 autocast, SDPA)": lambda: score(sdpa),
         "autocast off (float32)": lambda: score(sdpa, autocast=False),
-        "loader-pinned batches (pin_memory=True)": lambda: np.array(
-            hsvfast.score(sdpa, pinned, device=device).metrics["variability"]),
+        "loader-pinned batches (pin_memory=True)": lambda: score(sdpa, pinned),
         "eager attention instead of SDPA": lambda: score(eager),
         "floor, bf16 autocast": lambda: floor(sdpa, batches, device, True),
         "floor, float32": lambda: floor(sdpa, batches, device, False),
