@@ -30,28 +30,29 @@ void axpy_bf16(double w, const uint16_t* __restrict x, double* __restrict acc, i
   for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(bfloat16_to_float(x[d]));
 }
 
+inline double widen(float v) { return double(v); }
+inline double widen(uint16_t bfloat16_bits) { return double(bfloat16_to_float(bfloat16_bits)); }
+
 // Four tokens per pass over acc: a quarter of the float64 load/store traffic of one-at-a-time.
-HSVFAST_MULTIVERSION
-void axpy4_f32(const double* w, const float* const* x, double* __restrict acc, int64_t n) {
-  const float* __restrict x0 = x[0];
-  const float* __restrict x1 = x[1];
-  const float* __restrict x2 = x[2];
-  const float* __restrict x3 = x[3];
+// One body for both dtypes, inlined into each multi-versioned entry point below.
+template <typename T>
+__attribute__((always_inline)) inline void axpy4_body(const double* w, const T* const* x, double* __restrict acc,
+                                                      int64_t n) {
+  const T* __restrict x0 = x[0];
+  const T* __restrict x1 = x[1];
+  const T* __restrict x2 = x[2];
+  const T* __restrict x3 = x[3];
   for (int64_t d = 0; d < n; ++d) {
-    acc[d] += (w[0] * double(x0[d]) + w[1] * double(x1[d])) + (w[2] * double(x2[d]) + w[3] * double(x3[d]));
+    acc[d] += (w[0] * widen(x0[d]) + w[1] * widen(x1[d])) + (w[2] * widen(x2[d]) + w[3] * widen(x3[d]));
   }
 }
 
 HSVFAST_MULTIVERSION
+void axpy4_f32(const double* w, const float* const* x, double* __restrict acc, int64_t n) { axpy4_body(w, x, acc, n); }
+
+HSVFAST_MULTIVERSION
 void axpy4_bf16(const double* w, const uint16_t* const* x, double* __restrict acc, int64_t n) {
-  const uint16_t* __restrict x0 = x[0];
-  const uint16_t* __restrict x1 = x[1];
-  const uint16_t* __restrict x2 = x[2];
-  const uint16_t* __restrict x3 = x[3];
-  for (int64_t d = 0; d < n; ++d) {
-    acc[d] += (w[0] * double(bfloat16_to_float(x0[d])) + w[1] * double(bfloat16_to_float(x1[d]))) +
-              (w[2] * double(bfloat16_to_float(x2[d])) + w[3] * double(bfloat16_to_float(x3[d])));
-  }
+  axpy4_body(w, x, acc, n);
 }
 
 template <typename Storage>
