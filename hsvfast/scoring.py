@@ -103,9 +103,8 @@ def score(
     stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory,
                        second_moments=metric_names != ["trace_ratio"])
     stats.info.update(_describe(model, blocks, pooling, device))
-    stats.info["metrics"] = metric_names
     resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
-    stats = resume.stats
+    stats = resume.stats  # fresh, or the checkpoint's
     stats.info["metrics"] = metric_names  # a resumed run reports what this call asks for
     forward_kwargs = _accepted_kwargs(model)
     if autocast is None:
