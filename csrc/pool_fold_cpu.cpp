@@ -152,8 +152,9 @@ void pool_fold_typed(const PoolFoldArgs& a) {
   std::vector<double> row_sqnorm(static_cast<size_t>(a.batch), 0.0);
   std::vector<char> row_finite(static_cast<size_t>(a.batch), 1);
   const int64_t work = a.batch * a.tokens * a.dim;
-  const int64_t threads = std::min<int64_t>(
-      {a.batch, work / kParallelElements + 1, std::max(1u, std::thread::hardware_concurrency()), 8});
+  // hardware_concurrency() reads sysfs on every call (~10 µs): once per process is enough.
+  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t threads = std::min<int64_t>({a.batch, work / kParallelElements + 1, cores, 8});
   if (threads <= 1) {
     pool_rows<Storage>(a, 0, a.batch, row_sqnorm.data(), row_finite.data());
   } else {
