@@ -47,10 +47,6 @@ def compiled_with_cuda() -> bool:
     return _C is not None and bool(_C.WITH_CUDA)
 
 
-def _pointer(tensor: Optional[torch.Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 def pool_fold(
     act: torch.Tensor,
     weights: torch.Tensor,
@@ -75,10 +71,18 @@ def pool_fold(
     ``validate=False`` skips the checks of the accumulator tensors (for callers that
     made them, like :class:`~hsvfast.statistics.Statistics`: it saves host time per layer).
     """
-    which = use or backend(act.device)
+    if use is not None:
+        which = use
+    elif _C is None or _FORCE_TORCH:
+        which = "torch"
+    elif act.is_cuda:
+        which = "cuda" if _C.WITH_CUDA else "torch"
+    else:
+        which = "cpp" if act.is_cpu else "torch"
+    dtype_code = _DTYPE_CODES.get(act.dtype)
     if act.dim() != 3:
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(act.shape)}")
-    if act.dtype not in _DTYPE_CODES:
+    if dtype_code is None:
         raise TypeError(f"activations of dtype {act.dtype} are not supported; use float32, float16 or bfloat16")
     if which == "torch":
         finite = pool_fold_torch(act, weights, out, labels, out_rows, shift, sums, sqnorms)
@@ -95,16 +99,32 @@ def pool_fold(
             if tensor is not None and (tensor.dtype != dtype or not tensor.is_contiguous()
                                        or tensor.device != act.device):
                 raise ValueError(f"pool_fold: {name} must be a contiguous {dtype} tensor on {act.device}")
-    batch, tokens, dim = act.shape
+    # Called once per layer and batch: pointers inline, no helper calls (benchmarks/host_overhead.py).
     args = (
-        act.data_ptr(), _DTYPE_CODES[act.dtype], batch, tokens, dim, *act.stride(),
-        weights.data_ptr(), _pointer(labels), _pointer(out_rows), _pointer(shift), out.data_ptr(),
-        _pointer(sums), _pointer(sqnorms), _pointer(nonfinite), batch_index,
+        act.data_ptr(), dtype_code, *act.shape, *act.stride(), weights.data_ptr(),
+        0 if labels is None else labels.data_ptr(), 0 if out_rows is None else out_rows.data_ptr(),
+        0 if shift is None else shift.data_ptr(), out.data_ptr(), 0 if sums is None else sums.data_ptr(),
+        0 if sqnorms is None else sqnorms.data_ptr(), 0 if nonfinite is None else nonfinite.data_ptr(),
+        batch_index,
     )
     if which == "cpp":
         _C.pool_fold_cpu(*args)
     elif which == "cuda":
-        stream = torch.cuda.current_stream(act.device).cuda_stream
-        _C.pool_fold_cuda(*args, act.device.index or 0, stream)
+        index = act.get_device()
+        _C.pool_fold_cuda(*args, index, _current_stream(index))
     else:
         raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
+
+
+def _current_stream(index: int) -> int:
+    """The raw handle of the current CUDA stream of device ``index``.
+
+    ``torch._C._cuda_getCurrentRawStream`` (what torch's own compiled kernels launch on) skips
+    building a ``torch.cuda.Stream`` object; the public call is the fallback.
+    """
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)

@@ -36,6 +36,8 @@ DEFAULT_MAX_MEMORY = 4 << 30
 #: Rows staged per class before a Gram update: about this many rows over all classes,
 #: at least _MIN_STAGE, at most _MAX_STAGE and half the hidden size (unless a batch needs more).
 _STAGE_BUDGET, _MIN_STAGE, _MAX_STAGE = 4096, 16, 1024
+#: Integer labels below this are mapped to class ids through a lookup table (others one by one).
+_MAX_LOOKUP_LABEL = 1 << 20
 
 
 def stage_rows(num_classes: int, hidden_size: Optional[int] = None) -> int:
@@ -150,6 +152,10 @@ class Statistics:
         self._staged: Optional[np.ndarray] = None  # rows staged per class, shared by all layers
         self._stage_rows = 0                       # R: staged rows per class (per-class mode)
         self._largest_class_batch = 0
+        self._table: Optional[np.ndarray] = None  # class id by integer label (see _label_table)
+        # Pooled rows outside per-class mode (see _scratch_rows): the current (rows, d) view and its storage.
+        self._scratch: Optional[torch.Tensor] = None
+        self._scratch_flat: Optional[torch.Tensor] = None
         self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
         self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
         #: What the statistics describe (model name, pooling, dtype …): saved with them and
@@ -182,37 +188,22 @@ class Statistics:
 
         ``poolable[b]`` is False for a sequence with no token to pool; it is skipped.
         """
-        class_ids = np.full(len(labels), -1, dtype=np.int64)
-        new_classes = []
-        for row, (label, ok) in enumerate(zip(labels, poolable)):
-            if not ok:
-                continue
-            cid = self._class_of.get(label)
-            if cid is None:
-                if self.class_counts is not None and label not in self.class_counts:
-                    raise ValueError(
-                        f"label {label!r} is not in class_counts (which has {sorted(self.class_counts, key=repr)}); "
-                        "pass the counts of every label the loader yields, or leave class_counts out"
-                    )
-                cid = len(self.labels)
-                self._class_of[label] = cid
-                self.labels.append(label)
-                new_classes.append((cid, row))
-            class_ids[row] = cid
-        self._ensure_capacity(self.num_classes)
-        self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
-
-        order = np.argsort(class_ids, kind="stable")
-        order = np.concatenate([order[class_ids[order] >= 0], order[class_ids[order] < 0]])
-        out_rows = np.empty_like(order)
-        out_rows[order] = np.arange(len(order))
-        batch_counts = np.bincount(class_ids[class_ids >= 0], minlength=self.num_classes).astype(np.int64)
-        segments, start = [], 0
-        for cid in np.flatnonzero(batch_counts):
-            segments.append((int(cid), start, start + int(batch_counts[cid])))
-            start += int(batch_counts[cid])
+        class_ids, new_classes = self._class_ids(labels, poolable)
+        if new_classes:
+            self._ensure_capacity(self.num_classes)
+            self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+        # Rows grouped by class, in input order within a class; skipped rows (-1) last.
+        order = np.argsort(np.where(class_ids < 0, self.num_classes, class_ids), kind="stable")
+        batch_counts = np.bincount(class_ids[class_ids >= 0], minlength=self.num_classes)
+        present = np.flatnonzero(batch_counts)
+        ends = np.cumsum(batch_counts[present])
+        starts = ends - batch_counts[present]
+        segments = list(zip(present.tolist(), starts.tolist(), ends.tolist()))
         if self.mode == "per_class":
-            out_rows = self._stage_batch(order, segments, batch_counts)
+            out_rows = self._stage_batch(order, class_ids, segments, batch_counts, starts)
+        else:
+            out_rows = np.empty_like(order)
+            out_rows[order] = np.arange(len(order))
         plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
         # One host-to-device copy for both index vectors.
         indices = torch.from_numpy(np.concatenate([class_ids, out_rows])).to(self.device, non_blocking=True)
@@ -225,14 +216,74 @@ class Statistics:
             plan.device_tensors["row_scale"] = torch.from_numpy(row_scale).to(self.device, non_blocking=True)
         return plan
 
+    def _class_ids(self, labels: Sequence[Hashable], poolable: np.ndarray):
+        """Dense class id per row (-1 = skipped) and the (class id, row) of classes first seen here."""
+        array = np.asarray(labels)
+        if array.dtype.kind not in "iu" or array.ndim != 1 or not len(array) or bool in set(map(type, labels)):
+            return self._class_ids_by_row(labels, poolable)  # strings, bools, mixed types
+        smallest, largest = int(array.min()), int(array.max())
+        if smallest < 0 or largest >= _MAX_LOOKUP_LABEL:
+            return self._class_ids_by_row(labels, poolable)
+        # Class indices 0..K (the usual case): a lookup table instead of one dict lookup per row.
+        table = self._label_table(largest)
+        class_ids = np.where(poolable, table[array], -1)
+        missing = poolable & (class_ids < 0)
+        if not missing.any():
+            return class_ids, []
+        new_classes = []
+        for row in np.flatnonzero(missing):  # rows whose label the table does not know yet
+            label = int(array[row])
+            if table[label] < 0:  # a label new to the table: seen before (maybe as True for 1, via merge) or new
+                cid = self._class_of.get(label)
+                if cid is None:
+                    cid = self._register(label)
+                    new_classes.append((cid, int(row)))
+                table[label] = cid
+            class_ids[row] = table[label]
+        return class_ids, new_classes
+
+    def _label_table(self, largest: int) -> np.ndarray:
+        """Class id by integer label, -1 where not looked up yet (filled from ``_class_of`` on first use)."""
+        if self._table is None or len(self._table) <= largest:
+            table = np.full(max(largest + 1, 2 * len(self._table) if self._table is not None else 0), -1, np.int64)
+            if self._table is not None:
+                table[: len(self._table)] = self._table
+            self._table = table
+        return self._table
+
+    def _class_ids_by_row(self, labels: Sequence[Hashable], poolable: np.ndarray):
+        class_ids = np.full(len(labels), -1, dtype=np.int64)
+        new_classes = []
+        for row, (label, ok) in enumerate(zip(labels, poolable)):
+            if not ok:
+                continue
+            cid = self._class_of.get(label)
+            if cid is None:
+                cid = self._register(label)
+                new_classes.append((cid, row))
+            class_ids[row] = cid
+        return class_ids, new_classes
+
+    def _register(self, label: Hashable) -> int:
+        if self.class_counts is not None and label not in self.class_counts:
+            raise ValueError(
+                f"label {label!r} is not in class_counts (which has {sorted(self.class_counts, key=repr)}); "
+                "pass the counts of every label the loader yields, or leave class_counts out"
+            )
+        cid = len(self.labels)
+        self._class_of[label] = cid
+        self.labels.append(label)
+        return cid
+
     # ---------------------------------------------------------------- staging
     def _stage_target(self) -> int:
         sizes = [m.hidden_size for m in self.moments if m is not None]
         return max(stage_rows(self.capacity, min(sizes) if sizes else None), self._largest_class_batch)
 
-    def _stage_batch(self, order: np.ndarray, segments: List[tuple], batch_counts: np.ndarray) -> np.ndarray:
+    def _stage_batch(self, order: np.ndarray, class_ids: np.ndarray, segments: List[tuple],
+                     batch_counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first."""
-        if len(batch_counts):
+        if len(segments):
             self._largest_class_batch = max(self._largest_class_batch, int(batch_counts.max()))
         target = self._stage_target()
         if target != self._stage_rows:  # layout change (first batch, more classes, a larger batch)
@@ -242,12 +293,17 @@ class Statistics:
         full = [cid for cid, a, b in segments if self._staged[cid] + (b - a) > rows]
         if full:
             self._flush_classes(full)
-        staged_rows = np.full(len(order), self.capacity * rows, dtype=np.int64)  # last row: skipped sequences
-        for cid, a, b in segments:
-            staged_rows[a:b] = cid * rows + self._staged[cid] + np.arange(b - a)
-            self._staged[cid] += b - a
+        # The j-th row of class c's segment goes to staging row c·R + (rows of c already staged) + j.
+        ids = class_ids[order]
+        valid = ids >= 0
+        segment_start = np.zeros(len(batch_counts), np.int64)
+        segment_start[[cid for cid, _, _ in segments]] = starts
+        placed = np.full(len(order), self.capacity * rows, dtype=np.int64)  # last row: skipped sequences
+        cid = ids[valid]
+        placed[valid] = cid * rows + self._staged[cid] + np.arange(int(valid.sum())) - segment_start[cid]
+        self._staged[: len(batch_counts)] += batch_counts
         result = np.empty_like(order)
-        result[order] = staged_rows  # order[j] is the input row placed j-th
+        result[order] = placed  # order[j] is the input row placed j-th
         return result
 
     def flush(self) -> None:
@@ -277,6 +333,8 @@ class Statistics:
         self.counts[: len(plan.batch_counts)] += plan.batch_counts
         self.num_skipped += int((plan.class_ids < 0).sum())
         self.num_batches += 1
+        if self.device.type == "cpu":  # free to check at once; on a GPU it waits for the end (a sync)
+            self.check_finite()
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -310,31 +368,50 @@ class Statistics:
         ``weights`` is the (B, T) float32 token-weight matrix on ``act``'s device.
         """
         m = self.moments[position]
-        if m is None:
-            sizes = [other.hidden_size for other in self.moments if other is not None]
-            # Every layer is sized like this one, so the cap is checked once for the whole run.
-            self._check_memory(self.capacity, [act.shape[-1]] * (len(self.layers) - len(sizes)) + sizes)
-            m = self.moments[position] = LayerMoments.empty(act.shape[-1], self.capacity, self.mode, act.device)
-        elif act.shape[-1] != m.hidden_size:
-            raise ValueError(
-                f"layer {self.layers[position]}: hidden size changed from {m.hidden_size} to {act.shape[-1]}"
-            )
-        for cid, row in plan.new_classes:
-            _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
-
+        if m is None or act.shape[-1] != m.hidden_size:
+            m = self._first_fold(position, act)
+        if plan.new_classes:
+            for cid, row in plan.new_classes:
+                _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
+        # Runs once per layer and batch: keep the host's work here to a minimum (benchmarks/host_overhead.py).
         tensors = plan.device_tensors
         if self.mode == "per_class":  # rows go to the staging buffer; flushes make the Gram updates
             x = self._staging_buffer(m)
         else:
-            x = torch.empty(act.shape[0], m.hidden_size, dtype=torch.float64, device=act.device)
+            x = self._scratch_rows(act.shape[0], m.hidden_size, act.device)
         _kernels.pool_fold(
             act, weights, x, labels=tensors["class_ids"], out_rows=tensors["out_rows"], shift=m.shift,
             sums=m.sums, sqnorms=m.sqnorms, nonfinite=m.nonfinite, batch_index=plan.index, validate=False,
         )
         if self.mode == "balanced":
             m.second.addmm_((x * tensors["row_scale"].unsqueeze(1)).T, x)
-        if act.device.type == "cpu":  # free to check at once; on a GPU it waits for the end
-            self.check_finite(position)
+
+    def _first_fold(self, position: int, act: torch.Tensor) -> LayerMoments:
+        """The accumulators of a layer seen for the first time (or an error if its width changed)."""
+        m = self.moments[position]
+        if m is not None:
+            raise ValueError(
+                f"layer {self.layers[position]}: hidden size changed from {m.hidden_size} to {act.shape[-1]}"
+            )
+        sizes = [other.hidden_size for other in self.moments if other is not None]
+        # Every layer is sized like this one, so the cap is checked once for the whole run.
+        self._check_memory(self.capacity, [act.shape[-1]] * (len(self.layers) - len(sizes)) + sizes)
+        m = self.moments[position] = LayerMoments.empty(act.shape[-1], self.capacity, self.mode, act.device)
+        return m
+
+    def _scratch_rows(self, rows: int, dim: int, device: torch.device) -> torch.Tensor:
+        """A (rows, d) float64 buffer for the pooled rows, shared by all layers.
+
+        Reusing it is safe: every use is in stream order on the same device (the kernel writes
+        it, the balanced-mode GEMM reads it, the next layer's kernel overwrites it).
+        """
+        view = self._scratch
+        if view is None or view.shape != (rows, dim) or view.device != device:
+            flat = self._scratch_flat
+            if flat is None or flat.numel() < rows * dim or flat.device != device:
+                flat = self._scratch_flat = torch.empty(rows * dim, dtype=torch.float64, device=device)
+            view = self._scratch = flat[: rows * dim].view(rows, dim)
+        return view
 
     def check_finite(self, position: Optional[int] = None) -> None:
         """Raise ValueError naming the layer and batch if a pooled value was NaN or Inf."""

@@ -246,3 +246,29 @@ def test_merge_is_commutative_and_associative(seed):
         stats.check_complete()
     assert_same(summary(left), summary(right))
     assert_same(summary(left), summary(swapped))
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches_=st.lists(st.lists(st.tuples(st.one_of(st.integers(-3, 5), st.booleans(), st.just(1 << 21)),
+                                             st.booleans()), max_size=12), min_size=1, max_size=6))
+def test_integer_labels_take_the_lookup_table_path_with_the_same_ids(batches_):
+    """plan_batch's lookup table for integer labels numbers classes exactly as the row-by-row path
+    (batches with negative, huge or bool labels take the row path and must leave the table consistent)."""
+    fast, slow = Statistics([0]), Statistics([0])
+    for rows in batches_:
+        labels = [label for label, _ in rows]
+        poolable = np.array([ok for _, ok in rows], dtype=bool)
+        got = fast._class_ids(labels, poolable)
+        want = slow._class_ids_by_row(labels, poolable)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1] == want[1]
+        assert fast.labels == slow.labels
+        assert [type(label) for label in fast.labels] == [type(label) for label in slow.labels]
+
+
+def test_labels_of_mixed_types_stay_distinct():
+    stats = Statistics([0])
+    ids, new = stats._class_ids([1, "1", True, 1.0, "a"], np.ones(5, bool))
+    # Python's own equality decides: 1 == True == 1.0 are one class, "1" and "a" are others.
+    assert ids.tolist() == [0, 1, 0, 0, 2] and stats.labels == [1, "1", "a"]
+    assert new == [(0, 0), (1, 1), (2, 4)]

@@ -1,0 +1,127 @@
+"""hsvfast's own host time per batch: score a model whose blocks cost (almost) nothing.
+
+    python benchmarks/host_overhead.py                # CPU
+    python benchmarks/host_overhead.py --device cuda  # the host's launch path on a GPU
+
+When the forward pass is bound by the host (eager PyTorch launching small kernels for short
+sequences: a BERT-large batch of 128 SST-2 sentences costs ~13 ms of host time on an H100),
+every microsecond hsvfast spends per batch and per layer — planning the batch, the hooks,
+argument marshalling, launching the kernel — adds to the wall time one for one. This script
+measures exactly that: the model is an embedding followed by L blocks that return their input,
+so ``score`` minus the bare forward of the same model is hsvfast's bookkeeping. Activations are
+tiny (d = 64, 2 tokens), so the pooling kernel's own work is negligible. The time to finalise
+the metrics (once per call) is measured separately and subtracted.
+
+Prints median microseconds per batch and per layer and batch, for each statistics mode.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import hsvfast
+
+
+class FreeBlock(nn.Module):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class FreeModel(nn.Module):
+    """An embedding and ``num_layers`` blocks that pass the hidden states through."""
+
+    def __init__(self, num_layers: int, hidden: int) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(1000, hidden)
+        self.layers = nn.ModuleList(FreeBlock() for _ in range(num_layers))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hidden = self.embeddings(input_ids)
+        for block in self.layers:
+            hidden = block(hidden)
+        return hidden
+
+
+def batches(n: int, batch_size: int, tokens: int, classes: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 1000, (batch_size, tokens), generator=g),
+             "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long),
+             "labels": torch.randint(0, classes, (batch_size,), generator=g)} for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = FreeModel(args.layers, 64).to(device).eval()
+    data = batches(args.batches, args.batch_size, 2, args.classes)
+    if device.type == "cuda":
+        data = [{k: v.pin_memory() for k, v in b.items()} for b in data]
+    counts = {}
+    for b in data:
+        for label in b["labels"].tolist():
+            counts[label] = counts.get(label, 0) + 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def floor():
+        with torch.inference_mode():
+            for b in data:
+                model(**{k: v.to(device, non_blocking=True) for k, v in b.items() if k != "labels"})
+
+    common = dict(layers=None, pooling="mean_all", blocks=model.layers)
+    modes = {
+        "trace ratio only (sums, squared norms)": dict(metrics=["trace_ratio"]),
+        "default: ν + trace ratio (per-class second moments)": {},
+        "class_counts given (one balanced second moment)": dict(class_counts=counts),
+    }
+    methods = {"bare forward": floor}
+    for name, kwargs in modes.items():
+        methods[name] = (lambda kw: lambda: hsvfast.score(model, data, **common, **kw))(kwargs)
+    for fn in methods.values():  # warm-up
+        fn()
+    times = {name: [] for name in methods}
+    reports = {}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            sync()
+            start = time.perf_counter()
+            reports[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    finalise = {}
+    for name in modes:
+        stats = reports[name].stats
+        samples = []
+        for _ in range(args.rounds):
+            sync()
+            start = time.perf_counter()
+            hsvfast.report_from(stats)
+            sync()
+            samples.append(time.perf_counter() - start)
+        finalise[name] = statistics.median(samples)
+
+    base = statistics.median(times["bare forward"])
+    print(f"\ndevice={device} torch={torch.__version__} layers={args.layers} batches={args.batches} "
+          f"batch={args.batch_size} classes={args.classes} rounds={args.rounds}\n")
+    print("| method | median ms per call | finalise ms | hsvfast µs per batch | µs per layer and batch |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| bare forward | {base * 1e3:.1f} | | | |")
+    for name in modes:
+        total = statistics.median(times[name])
+        per_batch = (total - base - finalise[name]) / args.batches
+        print(f"| {name} | {total * 1e3:.1f} | {finalise[name] * 1e3:.2f} | {per_batch * 1e6:.0f} | "
+              f"{per_batch / args.layers * 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
