@@ -10,7 +10,7 @@ import torch
 
 import hsvfast
 from hsvfast import Statistics, _kernels
-from hsvfast.metrics import layer_metrics
+from hsvfast.metrics import layer_metrics, metrics_of_layers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -41,20 +41,28 @@ def test_kernel(benchmark, device, shape, dtype, what):
     benchmark.extra_info["GB"] = act.numel() * act.element_size() / 1e9
 
 
-@pytest.mark.parametrize("num_layers,dim,classes", [(32, 4096, 2), (12, 768, 77)])
-def test_finalise_all_metrics(benchmark, num_layers, dim, classes):
-    """Target: 32 layers at d = 4096, C = 2 well under a second (no O(d³) work per layer)."""
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("how", ["all_layers", "layer_by_layer"])
+@pytest.mark.parametrize("num_layers,dim,classes", [(32, 4096, 2), (12, 768, 77), (24, 1024, 2)])
+def test_finalise_all_metrics(benchmark, num_layers, dim, classes, how, device):
+    """Target: 32 layers at d = 4096, C = 2 well under a second (no O(d³) work per layer).
+
+    ``all_layers`` is what ``score`` does (metrics_of_layers: one round trip for all layers);
+    ``layer_by_layer`` the same maths one layer at a time, for comparison."""
     counts = {c: 64 for c in range(classes)}
-    stats = Statistics(list(range(num_layers)), class_counts=counts)
+    stats = Statistics(list(range(num_layers)), class_counts=counts, device=device)
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(classes), 64)
     for position in range(num_layers):
         plan = stats.plan_batch(labels.tolist(), np.ones(len(labels), bool))
-        stats.fold(position, torch.from_numpy(rng.normal(size=(len(labels), 1, dim))).float(),
-                   torch.ones(len(labels), 1), plan)
+        stats.fold(position, torch.from_numpy(rng.normal(size=(len(labels), 1, dim))).float().to(device),
+                   torch.ones(len(labels), 1, device=device), plan)
     stats.finish_batch(plan)
 
-    result = benchmark(lambda: [layer_metrics(stats.class_moments(p)) for p in range(num_layers)])
+    if how == "all_layers":
+        result = benchmark(lambda: metrics_of_layers(stats.all_class_moments()))
+    else:
+        result = benchmark(lambda: [layer_metrics(stats.class_moments(p)) for p in range(num_layers)])
     assert len(result) == num_layers
 
 

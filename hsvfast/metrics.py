@@ -11,7 +11,7 @@ by construction, so no round-off direction is ever inverted) and costs O(d²C).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,46 +37,6 @@ def helmert_basis(num_classes: int, dtype=torch.float64, device=None) -> torch.T
     return q.to(device)
 
 
-def between_class_directions(means: torch.Tensor):
-    """Thin SVD of M = μᵀQ: orthonormal directions U (d×r) and singular values s (r).
-
-    Σ_b = U diag(s²/C) Uᵀ exactly. Singular values at or below max(d, C)·eps·s_max
-    are round-off of a rank-deficient Σ_b (class means on a lower-dimensional affine
-    subspace) and are dropped, as a pseudo-inverse with that cut-off would.
-    """
-    num_classes, dim = means.shape
-    m = means.T @ helmert_basis(num_classes, means.dtype, means.device)  # d×(C−1)
-    # A thin d×(C−1) SVD is microseconds in LAPACK but a slow, synchronising solver call on a GPU.
-    u, s, _ = torch.linalg.svd(m.cpu(), full_matrices=False)
-    if s.numel() == 0 or float(s[0]) == 0.0:
-        return u[:, :0].to(means.device), s[:0].to(means.device)
-    keep = s > max(dim, num_classes) * torch.finfo(s.dtype).eps * s[0]
-    return u[:, keep].to(means.device), s[keep].to(means.device)
-
-
-def variability_from_moments(means: torch.Tensor, within_quadratic: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """ν = (1/C) tr(Σ_w Σ_b†) from class means (C×d) and Σ_w as a quadratic form.
-
-    ``within_quadratic(U)`` returns u_kᵀ Σ_w u_k for the columns of U (d×r); passing
-    the form instead of Σ_w keeps the cost at one pass over the second moments.
-
-    Returns ``inf`` when all class means coincide (Σ_b = 0): no between-class
-    separation at all. (The official code's pinv would return 0 there.)
-    """
-    u, s = between_class_directions(means)
-    if s.numel() == 0:
-        return math.inf
-    return float((within_quadratic(u) / (s * s)).sum())
-
-
-def trace_ratio_from_moments(means: torch.Tensor, within_trace: float) -> float:
-    """tr(Σ_w) / tr(Σ_b) with the paper's class-balanced Σ_w and Σ_b."""
-    num_classes = means.shape[0]
-    centred = means - means.mean(0, keepdim=True)
-    between_trace = float((centred * centred).sum()) / num_classes
-    return math.inf if between_trace == 0.0 else within_trace / between_trace
-
-
 def check_metric_names(names: Sequence[str]) -> List[str]:
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in LOWER_IS_BETTER]
@@ -87,17 +47,71 @@ def check_metric_names(names: Sequence[str]) -> List[str]:
 
 def layer_metrics(moments: "ClassMoments", names: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """Metrics of one layer from :meth:`Statistics.class_moments` (default: ν and the trace ratio)."""
+    return metrics_of_layers([moments], names)[0]
+
+
+def metrics_of_layers(moments: Sequence["ClassMoments"], names: Optional[Sequence[str]] = None) -> List[Dict[str, float]]:
+    """Metrics of many layers (``Statistics.all_class_moments()``); ν and the trace ratio of all at once.
+
+    ν and the trace ratio need a few numbers on the host (the small SVD runs there); on a
+    GPU every read is a synchronisation, so computing layer by layer would cost several
+    round trips per layer. Here the traces and M matrices of all layers come back in one
+    copy, the SVDs run as one batched call, and all ν come back in a second copy.
+    """
+    if not moments:
+        return []
     names = check_metric_names(names) if names is not None else (
-        list(DEFAULT_METRICS) if moments.has_covariance else ["trace_ratio"])
-    result = {}
-    for name in names:
-        if name == "variability":
-            result[name] = variability_from_moments(moments.means, moments.within_quadratic)
-        elif name == "trace_ratio":
-            result[name] = trace_ratio_from_moments(moments.means, moments.within_trace)
-        else:
-            result[name] = _FAMILY[name](moments)
-    return result
+        list(DEFAULT_METRICS) if moments[0].has_covariance else ["trace_ratio"])
+    core = [n for n in names if n in ("variability", "trace_ratio")]
+    values: List[Dict[str, float]] = [{} for _ in moments]
+    groups: Dict[Any, List[int]] = {}  # layers stacked together: same shape, same device
+    for i, m in enumerate(moments):
+        groups.setdefault((tuple(m.means.shape), m.means.device), []).append(i)
+    for indices in groups.values() if core else ():
+        for i, result in zip(indices, _core_metrics([moments[i] for i in indices], core)):
+            values[i].update(result)
+    return [{name: values[i][name] if name in core else _FAMILY[name](m) for name in names}
+            for i, m in enumerate(moments)]
+
+
+def _core_metrics(moments: Sequence["ClassMoments"], names: Sequence[str]) -> List[Dict[str, float]]:
+    """ν and/or the trace ratio of layers whose means have one shape and device.
+
+    Trace ratio: tr Σ_w / tr Σ_b, both class-balanced (inf when all class means coincide).
+    ν: with M = μᵀQ (d×(C−1)) and its thin SVD M = U S Vᵀ, Σ_b = U diag(s²/C) Uᵀ exactly and
+    ν = Σ_k u_kᵀ Σ_w u_k / s_k². Singular values at or below max(d, C)·eps·s_max are round-off
+    of a rank-deficient Σ_b (class means on a lower-dimensional affine subspace) and are
+    dropped, as a pseudo-inverse with that cut-off would; with none left (all class means
+    equal, Σ_b = 0) ν is inf, where the official code's pinv would return 0.
+    """
+    # Means relative to the first class (the metrics are translation invariant): classes whose
+    # means coincide give exact zeros here, so Σ_b = 0 is recognised as such, not as round-off.
+    means = torch.stack([m.means for m in moments])  # (L, C, d)
+    means = means - means[:, :1]
+    layers, num_classes, dim = means.shape
+    centred = means - means.mean(1, keepdim=True)
+    between_trace = (centred * centred).sum((1, 2)) / num_classes
+    within_trace = torch.stack([m.within_trace_tensor for m in moments])
+    wanted = [between_trace, within_trace]
+    if "variability" in names:
+        wanted.append((means.transpose(1, 2) @ helmert_basis(num_classes, means.dtype, means.device)).reshape(-1))
+    host = torch.cat(wanted).cpu()  # the one device-to-host copy of the first step
+    between, within = host[:layers].tolist(), host[layers : 2 * layers].tolist()
+    results = [{} for _ in moments]
+    if "trace_ratio" in names:
+        for result, b, w in zip(results, between, within):
+            result["trace_ratio"] = math.inf if b == 0.0 else w / b
+    if "variability" in names:
+        m = host[2 * layers :].view(layers, dim, num_classes - 1)
+        u, s, _ = torch.linalg.svd(m, full_matrices=False)  # batched thin SVDs on the host
+        # Drop round-off directions exactly as between_class_directions does (weight 0 instead of a column).
+        keep = s > max(dim, num_classes) * torch.finfo(s.dtype).eps * s[:, :1]
+        inverse_squares = torch.where(keep, 1.0 / (s * s), 0.0)
+        u, inverse_squares = u.to(means.device), inverse_squares.to(means.device)
+        nu = torch.stack([(m.within_quadratic(u[i]) * inverse_squares[i]).sum() for i, m in enumerate(moments)])
+        for result, value, kept in zip(results, nu.tolist(), keep.any(1).tolist()):
+            result["variability"] = value if kept else math.inf
+    return results
 
 
 def _feature_statistics(features: Any, labels: Sequence[Hashable], second_moments: bool):

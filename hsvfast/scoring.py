@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _kernels
 from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
-from .metrics import DEFAULT_METRICS, check_metric_names, layer_metrics
+from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids, token_weights
 from .report import Report
 from .distributed import all_reduce_statistics, is_distributed
@@ -212,7 +212,7 @@ def report_from(stats: Statistics) -> Report:
     names = stats.info.get("metrics")
     if names is not None and stats.mode == "trace":
         names = [n for n in names if n == "trace_ratio"]
-    per_layer = [layer_metrics(stats.class_moments(p), names) for p in range(len(stats.layers))]
+    per_layer = metrics_of_layers(stats.all_class_moments(), names)
     return Report(
         layers=list(stats.layers),
         metrics={name: [m[name] for m in per_layer] for name in per_layer[0]},

@@ -517,15 +517,26 @@ class Statistics:
 
     def class_moments(self, position: int) -> "ClassMoments":
         """Counts, means and the paper's class-balanced within-class covariance of one layer."""
+        return self.all_class_moments([position])[0]
+
+    def all_class_moments(self, positions: Optional[Sequence[int]] = None) -> List["ClassMoments"]:
+        """:meth:`class_moments` of several layers (default all), without a host–device round trip."""
         self.flush()
-        m = self.moments[position]
         c = self.num_classes
-        n = torch.as_tensor(self.counts[:c], dtype=torch.float64, device=m.sums.device)
-        centred = m.sums[:c] / n.unsqueeze(1)          # mean of x = h - shift, per class
-        means = (m.shift[:c] - m.shift[0]) + centred  # class means, up to a common translation
-        within_trace = float(((m.sqnorms[:c] / n) - (centred * centred).sum(1)).sum() / c)
-        second = m.second[:c] if self.mode == "per_class" else m.second
-        return ClassMoments(n, means, centred, within_trace, self.mode, second, origin=m.shift[0].clone())
+        counts: Dict[torch.device, torch.Tensor] = {}  # one copy of the counts per device
+        result = []
+        for position in range(len(self.layers)) if positions is None else positions:
+            m = self.moments[position]
+            device = m.sums.device
+            if device not in counts:
+                counts[device] = torch.as_tensor(self.counts[:c], dtype=torch.float64).to(device)
+            n = counts[device]
+            centred = m.sums[:c] / n.unsqueeze(1)          # mean of x = h - shift, per class
+            means = (m.shift[:c] - m.shift[0]) + centred  # class means, up to a common translation
+            within_trace = ((m.sqnorms[:c] / n) - (centred * centred).sum(1)).sum() / c
+            second = m.second[:c] if self.mode == "per_class" else m.second
+            result.append(ClassMoments(n, means, centred, within_trace, self.mode, second, origin=m.shift[0].clone()))
+        return result
 
 
 @dataclass(frozen=True)
@@ -541,10 +552,15 @@ class ClassMoments:
     counts: torch.Tensor
     means: torch.Tensor
     centred: torch.Tensor       # per-class mean of the shifted vectors x = h − shift_c
-    within_trace: float         # tr Σ_w
+    within_trace_tensor: torch.Tensor  # tr Σ_w, 0-d, on the statistics' device (reading it is a sync there)
     mode: str
     second: Optional[torch.Tensor]
     origin: Optional[torch.Tensor] = None  # add to ``means`` for absolute class means
+
+    @property
+    def within_trace(self) -> float:
+        """tr Σ_w."""
+        return float(self.within_trace_tensor)
 
     @property
     def has_covariance(self) -> bool:

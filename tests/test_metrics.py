@@ -90,6 +90,45 @@ def test_coincident_class_means_give_infinity():
     assert hsvfast.variability(features, [0, 0, 1, 1]) == float("inf")
 
 
+@pytest.mark.parametrize("mode", ["per_class", "balanced"])
+def test_all_layers_at_once_match_the_reference_layer_by_layer(mode):
+    """metrics_of_layers stacks layers (one copy to the host, batched SVDs): every layer must still
+    get its own numbers, whatever sits next to it — rank-deficient, coincident means, another width."""
+    from hsvfast.metrics import metrics_of_layers
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 30)
+    layers = []
+    for scale in (1.0, 1e3, 1e-3):  # same width, very different sizes
+        features, _ = gaussian_classes(rng, 4, 40, per_class=30)
+        layers.append(features * scale)
+    collinear = rng.normal(size=(len(labels), 40))
+    collinear += np.outer(labels * 0.7, rng.normal(size=40))  # class means on a line: rank(Σ_b) = 1 < C − 1
+    layers.append(collinear)
+    halves = [rng.integers(-5, 6, size=(15, 40)).astype(float) for _ in range(4)]
+    same_means = 7.0 + np.concatenate([np.concatenate([z, -z]) for z in halves])  # every class mean is exactly 7: Σ_b = 0
+    layers.append(same_means)
+    layers.append(gaussian_classes(rng, 4, 24, per_class=30)[0])  # another width: its own group
+    counts = {c: 30 for c in range(4)} if mode == "balanced" else None
+    stats = hsvfast.Statistics(list(range(len(layers))), class_counts=counts)
+    plan = stats.plan_batch(labels.tolist(), np.ones(len(labels), bool))
+    for position, features in enumerate(layers):
+        stats.fold(position, torch.from_numpy(features).unsqueeze(1), torch.ones(len(labels), 1), plan)
+    stats.finish_batch(plan)
+    together = metrics_of_layers(stats.all_class_moments())
+    for position, (features, got) in enumerate(zip(layers, together)):
+        assert list(got) == ["variability", "trace_ratio"]
+        if position == 4:  # no between-class spread at all
+            assert got == {"variability": float("inf"), "trace_ratio": float("inf")}
+            continue
+        assert ref.relative_error(got["variability"], ref.rank_aware_variability(features, labels)) <= 1e-6
+        assert ref.relative_error(got["trace_ratio"], ref.trace_ratio(features, labels)) <= 1e-9
+    if mode == "per_class":  # family metrics are computed layer by layer next to the stacked ones
+        chosen = metrics_of_layers(stats.all_class_moments(), ["nc1", "trace_ratio"])
+        assert [list(m) for m in chosen] == [["nc1", "trace_ratio"]] * len(layers)
+        assert chosen[2]["trace_ratio"] == together[2]["trace_ratio"]
+
+
 @pytest.mark.parametrize(
     "features,labels,error,match",
     [
