@@ -3,7 +3,7 @@
     python benchmarks/end_to_end.py                      # MiniLM, 4096 SST-2 train sentences, CPU
     python benchmarks/end_to_end.py --device cuda --dtype bfloat16 --model bert-large-random
 
-Prints one Markdown table: median time over rounds (methods interleaved), ratio to the floor
+Prints one Markdown table: median time over rounds (methods interleaved, order rotated each round), ratio to the floor
 (a bare forward of the model truncated to the deepest scored layer), examples/s, tokens/s and
 peak memory. Ratios, not absolute times, are what to compare across machines.
 """
@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow-rounds", type=int, default=None,
+                        help="rounds of the slow baselines (hand-written, paper's procedure); default --rounds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--synthetic", action="store_true",
@@ -200,6 +202,7 @@ def main() -> None:
                         help="also profile hsvfast.score on N batches spread over the lengths; print its top kernels")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    args.slow_rounds = args.rounds if args.slow_rounds is None else min(args.slow_rounds, args.rounds)
     skip = set(filter(None, args.skip.split(",")))
 
     model, tokenizer = load_model(args.model, args.device, dtype)
@@ -234,14 +237,23 @@ def main() -> None:
     warm_up(methods.values(), batches)
     times = {name: [] for name in methods}
     peaks, results = {}, {}
-    for _ in range(args.rounds):
-        for name, fn in methods.items():
-            elapsed, peak, result = timed(fn, args.device)
-            times[name].append(elapsed)
+    names = list(methods)
+    slow = {"hand-written (output_hidden_states)", "paper's procedure (same batches)"}
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)  # rotate the order: no method always runs first (or after the same one)
+        for name in names[shift:] + names[:shift]:
+            if name in slow and round_index >= args.slow_rounds:
+                continue
+            elapsed, peak, result = timed(methods[name], args.device)
+            times[name].append((round_index, elapsed))
             peaks[name] = max(peaks.get(name, 0), peak)
             results[name] = result
 
-    rows = {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
+    rows = {name: (statistics.median(t for _, t in samples), peaks[name]) for name, samples in times.items()}
+    # Each method against the floor of its own round: slow drift of the machine's speed
+    # cancels; the median over rounds is the paired ratio.
+    floors = dict(times["floor (bare truncated forward)"])
+    paired = {name: statistics.median(t / floors[r] for r, t in samples) for name, samples in times.items()}
     if "paper_e2e" not in skip:
         def hsvfast_e2e():
             t, y = read_sst2(Path(args.data), args.examples)
@@ -261,11 +273,13 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"\nmodel={args.model} dtype={args.dtype} device={device_name} torch={torch.__version__} "
           f"threads={torch.get_num_threads()} examples={args.examples} batch={args.batch_size} "
-          f"layers={len(layers)} padding efficiency={efficiency:.3f} rounds={args.rounds}\n")
-    print("| method | median s | × floor | examples/s | tokens/s | peak MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"layers={len(layers)} padding efficiency={efficiency:.3f} rounds={args.rounds} "
+          f"(slow baselines: {args.slow_rounds})\n")
+    print("| method | median s | × floor | × floor, paired by round | examples/s | tokens/s | peak MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (seconds, peak) in rows.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / floor:.3f} | {args.examples / seconds:,.0f} | "
+        pair = f"{paired[name]:.3f}" if name in paired else ""
+        print(f"| {name} | {seconds:.3f} | {seconds / floor:.3f} | {pair} | {args.examples / seconds:,.0f} | "
               f"{real_tokens / seconds:,.0f} | {peak / 2**20:,.0f} |")
     if args.profile:
         # Batches spread over the length range: the first ones alone are the shortest.
@@ -278,8 +292,9 @@ def main() -> None:
         for name, fn in zip(finalise, (lambda: hsvfast.report_from(stats),
                                        lambda: [layer_metrics(stats.class_moments(p)) for p in range(len(layers))])):
             finalise[name].append(timed(fn, args.device)[0])
+    print()
     for name, samples in finalise.items():
-        print(f"\nfinalising the metrics of {len(layers)} layers, {name}: {statistics.median(samples) * 1e3:.1f} ms "
+        print(f"finalising the metrics of {len(layers)} layers, {name}: {statistics.median(samples) * 1e3:.1f} ms "
               f"(median of 5; {statistics.median(samples) / rows['hsvfast.score'][0]:.1%} of hsvfast.score above)")
     if "hand-written (output_hidden_states)" in results:
         ours = np.array(results["hsvfast.score"])

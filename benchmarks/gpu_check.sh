@@ -2,7 +2,8 @@
 # The one script for a lent GPU (H100/H200). Nothing is downloaded: it builds the extension with CUDA
 # for sm_90, runs the CUDA correctness tests against the PyTorch reference, runs compute-sanitizer
 # memcheck on a small case, times the kernels against a device-to-device copy and the end-to-end
-# overhead against a bare forward pass, and ends with short tables. Budget: well under 8 minutes.
+# overhead against a bare forward pass, hsvfast's host time per batch and the finalisation, and ends with
+# short tables. Budget: about 7 minutes.
 #
 #   bash benchmarks/gpu_check.sh            (from the repository root; logs go to $OUT or /tmp)
 set -uo pipefail
@@ -40,13 +41,22 @@ step "kernel throughput"
 
 step "end to end, BERT-large-size random weights, bf16"
 (cd /tmp && timeout 150 python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
-  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 3 --skip paper --profile 8 2>&1 \
+  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 5 --slow-rounds 1 --skip paper \
+  --profile 8 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/e2e_bert_large.md") || status=1
 
 step "end to end, ~1B Llama-style random weights, bf16"
 (cd /tmp && timeout 150 python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
-  --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 3 --skip paper 2>&1 \
+  --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 5 --slow-rounds 1 --skip paper 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/e2e_llama_1b.md") || status=1
+
+step "hsvfast's host time per batch and layer (a model whose blocks cost nothing)"
+(cd /tmp && timeout 90 python3 "$REPO/benchmarks/host_overhead.py" --device cuda 2>&1 | tee "$LOG/host_overhead.md") || status=1
+
+step "finalising the metrics on the device: all layers at once vs layer by layer"
+(cd /tmp && timeout 120 python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
+  "$REPO/benchmarks/test_bench.py" -k "finalise and cuda" --benchmark-columns=median,iqr,rounds 2>&1 \
+  | tee "$LOG/finalise.log" | grep -E "test_finalise|passed|failed") || status=1
 
 step "CUDA defaults, one at a time (BERT-base-size float32, host batches)"
 (cd /tmp && timeout 120 python3 "$REPO/benchmarks/gpu_choices.py" --device cuda 2>&1 \
