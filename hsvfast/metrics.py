@@ -102,9 +102,9 @@ def _core_metrics(moments: Sequence["ClassMoments"], names: Sequence[str]) -> Li
         for result, b, w in zip(results, between, within):
             result["trace_ratio"] = math.inf if b == 0.0 else w / b
     if "variability" in names:
-        m = host[2 * layers :].view(layers, dim, num_classes - 1)
-        u, s, _ = torch.linalg.svd(m, full_matrices=False)  # batched thin SVDs on the host
-        # Drop round-off directions exactly as between_class_directions does (weight 0 instead of a column).
+        products = host[2 * layers :].view(layers, dim, num_classes - 1)  # M of every layer
+        u, s, _ = torch.linalg.svd(products, full_matrices=False)  # batched thin SVDs on the host
+        # Round-off directions (see the docstring) get weight 0 instead of being cut out: one shape for all layers.
         keep = s > max(dim, num_classes) * torch.finfo(s.dtype).eps * s[:, :1]
         inverse_squares = torch.where(keep, 1.0 / (s * s), 0.0)
         u, inverse_squares = u.to(means.device), inverse_squares.to(means.device)

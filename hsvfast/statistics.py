@@ -200,7 +200,7 @@ class Statistics:
         starts = ends - batch_counts[present]
         segments = list(zip(present.tolist(), starts.tolist(), ends.tolist()))
         if self.mode == "per_class":
-            out_rows = self._stage_batch(order, class_ids, segments, batch_counts, starts)
+            out_rows = self._stage_batch(order, class_ids, batch_counts, present, starts)
         else:
             out_rows = np.empty_like(order)
             out_rows[order] = np.arange(len(order))
@@ -280,24 +280,27 @@ class Statistics:
         sizes = [m.hidden_size for m in self.moments if m is not None]
         return max(stage_rows(self.capacity, min(sizes) if sizes else None), self._largest_class_batch)
 
-    def _stage_batch(self, order: np.ndarray, class_ids: np.ndarray, segments: List[tuple],
-                     batch_counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first."""
-        if len(segments):
+    def _stage_batch(self, order: np.ndarray, class_ids: np.ndarray, batch_counts: np.ndarray,
+                     present: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first.
+
+        ``present`` are the classes in the batch and ``starts`` where their rows begin in ``order``.
+        """
+        if len(present):
             self._largest_class_batch = max(self._largest_class_batch, int(batch_counts.max()))
         target = self._stage_target()
         if target != self._stage_rows:  # layout change (first batch, more classes, a larger batch)
             self.flush()
             self._stage_rows = target
         rows = self._stage_rows
-        full = [cid for cid, a, b in segments if self._staged[cid] + (b - a) > rows]
-        if full:
-            self._flush_classes(full)
+        full = present[self._staged[present] + batch_counts[present] > rows]
+        if len(full):
+            self._flush_classes(full.tolist())
         # The j-th row of class c's segment goes to staging row c·R + (rows of c already staged) + j.
         ids = class_ids[order]
         valid = ids >= 0
         segment_start = np.zeros(len(batch_counts), np.int64)
-        segment_start[[cid for cid, _, _ in segments]] = starts
+        segment_start[present] = starts
         placed = np.full(len(order), self.capacity * rows, dtype=np.int64)  # last row: skipped sequences
         cid = ids[valid]
         placed[valid] = cid * rows + self._staged[cid] + np.arange(int(valid.sum())) - segment_start[cid]
