@@ -48,3 +48,50 @@ def test_cuda_compiled_and_torch_backends_agree(monkeypatch):
     assert compiled.backend == "cuda" and fallback.backend == "torch"
     for name in compiled.metrics:
         np.testing.assert_allclose(compiled.metrics[name], fallback.metrics[name], rtol=1e-9)
+
+
+class _SyncFreeModel(torch.nn.Module):
+    """Embedding + linear blocks: a forward that never synchronises (unlike transformers' mask checks)."""
+
+    def __init__(self, vocab=64, hidden=32, depth=3):
+        super().__init__()
+        self.embeddings = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, hidden), torch.nn.Tanh())
+                                          for _ in range(depth))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hidden = self.embeddings(input_ids)
+        for block in self.layers:
+            hidden = block(hidden)
+        return hidden
+
+
+@pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
+def test_no_host_sync_between_batches(mode):
+    """With host batches, nothing in hsvfast waits for the device from the second batch to the last
+    (the first may allocate); the finalisation at the end is where the results come back."""
+    model = _SyncFreeModel().cuda()
+    batches = random_batches(num_batches=12, classes=3)
+    for batch in batches:
+        batch["input_ids"] = batch["input_ids"] % 64
+    counts = {}
+    for batch in batches:
+        for label in batch["labels"].tolist():
+            counts[label] = counts.get(label, 0) + 1
+
+    def loader():
+        for index, batch in enumerate(batches):
+            if index == 1:
+                torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
+            yield batch
+        torch.cuda.set_sync_debug_mode("default")
+
+    kwargs = {"per_class": {}, "balanced": {"class_counts": counts}, "trace": {"metrics": ["trace_ratio"]}}[mode]
+    try:
+        report = hsvfast.score(model, loader(), blocks=model.layers, autocast=False, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert report.num_examples == 12 * 12 and report.backend == "cuda"
+    reference = hsvfast.score(model.cpu(), batches, blocks=model.layers, **kwargs)
+    for name in report.metrics:  # float32 forward on both devices
+        np.testing.assert_allclose(report.metrics[name], reference.metrics[name], rtol=1e-4)
