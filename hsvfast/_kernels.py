@@ -33,11 +33,16 @@ def backend(device: "torch.device | str | None" = None) -> str:
     or a device the compiled core was not built for).
     """
     device = torch.device(device if device is not None else "cpu")
+    return _backend_for(device.type == "cpu", device.type == "cuda")
+
+
+def _backend_for(is_cpu: bool, is_cuda: bool) -> str:
+    """:func:`backend` from the device kind (``pool_fold`` reads it off the tensor: no device object)."""
     if _C is None or _FORCE_TORCH:
         return "torch"
-    if device.type == "cpu":
+    if is_cpu:
         return "cpp"
-    if device.type == "cuda" and _C.WITH_CUDA:
+    if is_cuda and _C.WITH_CUDA:
         return "cuda"
     return "torch"
 
@@ -71,14 +76,7 @@ def pool_fold(
     ``validate=False`` skips the checks of the accumulator tensors (for callers that
     made them, like :class:`~hsvfast.statistics.Statistics`: it saves host time per layer).
     """
-    if use is not None:
-        which = use
-    elif _C is None or _FORCE_TORCH:
-        which = "torch"
-    elif act.is_cuda:
-        which = "cuda" if _C.WITH_CUDA else "torch"
-    else:
-        which = "cpp" if act.is_cpu else "torch"
+    which = use if use is not None else _backend_for(act.is_cpu, act.is_cuda)
     dtype_code = _DTYPE_CODES.get(act.dtype)
     if act.dim() != 3:
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(act.shape)}")
