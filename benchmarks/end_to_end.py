@@ -271,7 +271,8 @@ def main() -> None:
 
     floor = rows["floor (bare truncated forward)"][0]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"\nmodel={args.model} dtype={args.dtype} device={device_name} torch={torch.__version__} "
+    print(f"\nmodel={args.model} dtype={args.dtype} device={device_name} backend={hsvfast.backend(args.device)} "
+          f"torch={torch.__version__} "
           f"threads={torch.get_num_threads()} examples={args.examples} batch={args.batch_size} "
           f"layers={len(layers)} padding efficiency={efficiency:.3f} rounds={args.rounds} "
           f"(slow baselines: {args.slow_rounds})\n")

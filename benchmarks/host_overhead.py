@@ -111,7 +111,7 @@ def main() -> None:
         finalise[name] = statistics.median(samples)
 
     base = statistics.median(times["bare forward"])
-    print(f"\ndevice={device} torch={torch.__version__} layers={args.layers} batches={args.batches} "
+    print(f"\ndevice={device} backend={hsvfast.backend(device)} torch={torch.__version__} layers={args.layers} batches={args.batches} "
           f"batch={args.batch_size} classes={args.classes} rounds={args.rounds}\n")
     print("| method | median ms per call | finalise ms | hsvfast µs per batch | µs per layer and batch |")
     print("|---|---:|---:|---:|---:|")
