@@ -16,13 +16,13 @@ from torch import nn
 from . import _kernels
 from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
-from .pooling import special_token_ids, token_weights
+from .pooling import special_token_ids
+from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
 from .report import Report
 from .distributed import all_reduce_statistics, is_distributed
 from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels, per_class_bytes
 from .storage import load_statistics, save_statistics
 
-_LABEL_KEYS = ("labels", "label")
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -54,7 +54,8 @@ def score(
         model: a transformers model (any architecture with a list of blocks).
         loader: iterable of dict batches with ``input_ids``, ``attention_mask``,
             ``labels`` (or ``label``), optionally ``special_tokens_mask`` and
-            ``token_type_ids`` — what tokenizers and collators produce.
+            ``token_type_ids`` — what tokenizers and collators produce; on the host (copied over
+            without blocking) or already on ``device``. The loader is read one batch ahead.
         layers: block indices to score (negative allowed); default all.
         pooling: ``"mean"`` (non-special tokens, the paper's), ``"mean_all"``,
             ``"first"`` or ``"last"``; see :mod:`hsvfast.pooling`.
@@ -132,19 +133,11 @@ def score(
         model.eval()
         bar = _progress(loader, progress)
         with torch.inference_mode():
-            for batch_index, batch in enumerate(bar):
-                if resume.skip(batch_index, batch):
-                    continue
-                if not isinstance(batch, Mapping):
-                    raise TypeError(
-                        f"batch {batch_index} is a {type(batch).__name__}; hsvfast needs dict batches with "
-                        "'input_ids', 'attention_mask' and 'labels' (as tokenizers and collators make them)"
-                    )
-                if "input_ids" not in batch:
-                    raise ValueError(f"batch {batch_index} has no 'input_ids' (keys: {sorted(batch)})")
-                labels = _batch_labels(batch, batch_index)
-                weights = token_weights(batch, pooling, special_ids)
-                poolable = (weights.sum(1) > 0).cpu().numpy()
+            # Each batch is prepared (its host facts copied back, if it lives on a GPU) while the one
+            # before it is scored: see hsvfast.prefetch.
+            for prepared in read_ahead(prepared_batches(bar, pooling, special_ids, skip=resume.skip)):
+                batch_index, batch, weights = prepared.index, prepared.batch, prepared.weights
+                labels, poolable = prepared.labels_and_poolable()
                 if len(labels) != len(poolable):
                     raise ValueError(f"batch {batch_index}: {len(labels)} labels for {len(poolable)} sequences")
                 if not poolable.all():
@@ -353,15 +346,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _batch_labels(batch: Mapping[str, Any], batch_index: int) -> list:
-    for key in _LABEL_KEYS:
-        if key in batch:
-            return normalise_labels(batch[key])
-    raise ValueError(
-        f"batch {batch_index} has no labels: expected a 'labels' or 'label' entry (keys: {sorted(batch)})"
-    )
-
-
 def _accepted_kwargs(model: nn.Module) -> Dict[str, Any]:
     """Switch off work the scoring pass never reads (KV cache), where the model accepts it."""
     try:
@@ -383,7 +367,7 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
         return None  # a subset or shard: the column's counts would not be what is scored
     if getattr(loader, "drop_last", False):
         return None
-    for key in _LABEL_KEYS:
+    for key in LABEL_KEYS:
         if key in columns:
             counts = collections.Counter(normalise_labels(np.asarray(dataset[key])))
             if num_layers * per_class_bytes(len(counts), hidden) > max_memory:

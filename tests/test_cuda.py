@@ -66,16 +66,22 @@ class _SyncFreeModel(torch.nn.Module):
         return hidden
 
 
+@pytest.mark.parametrize("resident", [False, True], ids=["host_batches", "device_batches"])
 @pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
-def test_no_host_sync_between_batches(mode):
-    """With host batches, nothing in hsvfast waits for the device from the second batch to the last
-    (the first may allocate); the finalisation at the end is where the results come back."""
+def test_no_host_sync_between_batches(mode, resident):
+    """Nothing in hsvfast waits for the device while batches are scored, whether the loader yields
+    them on the host or already on the GPU (their labels and masks are read one batch ahead); the
+    finalisation at the end is where the results come back. Batches 0-10 of 12 run under the check
+    (the loader is read one batch ahead, so it ends before the last batch is scored)."""
     model = _SyncFreeModel().cuda()
     batches = random_batches(num_batches=12, classes=3)
     for batch in batches:
         batch["input_ids"] = batch["input_ids"] % 64
+    host_batches = batches
+    if resident:
+        batches = [{key: value.cuda() for key, value in batch.items()} for batch in batches]
     counts = {}
-    for batch in batches:
+    for batch in host_batches:
         for label in batch["labels"].tolist():
             counts[label] = counts.get(label, 0) + 1
 
@@ -92,6 +98,6 @@ def test_no_host_sync_between_batches(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert report.num_examples == 12 * 12 and report.backend == "cuda"
-    reference = hsvfast.score(model.cpu(), batches, blocks=model.layers, **kwargs)
+    reference = hsvfast.score(model.cpu(), host_batches, blocks=model.layers, **kwargs)
     for name in report.metrics:  # float32 forward on both devices
         np.testing.assert_allclose(report.metrics[name], reference.metrics[name], rtol=1e-4)

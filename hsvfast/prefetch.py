@@ -1,0 +1,109 @@
+"""What the host must know of each batch, read one batch ahead so the pass never waits on a GPU.
+
+``score`` plans every batch on the host: class ids, staging rows and counts come from the
+batch's labels and from which sequences have a token to pool. For batches a loader yields on
+the host (the usual case) those are at hand. For batches that already live on a GPU they must
+come back to the host; copied when the batch is taken from the loader — one batch early, into
+pinned memory, on the current stream — they have long arrived when the batch is scored, so
+reading them does not wait for the device (a plain ``.tolist()`` there would wait for every
+kernel queued before it, once per batch).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+
+import numpy as np
+import torch
+
+from .pooling import token_weights
+from .statistics import normalise_labels
+
+#: Batch entries read as labels, in this order.
+LABEL_KEYS = ("labels", "label")
+T = TypeVar("T")
+
+
+class PreparedBatch:
+    """A batch with its token weights (on the batch's device) and, possibly still in flight, the
+    labels and the poolable-row mask on the host."""
+
+    def __init__(self, index: int, batch: Mapping[str, Any], pooling: str,
+                 special_ids: Optional[Sequence[int]]) -> None:
+        self.index, self.batch = index, batch
+        self.weights = token_weights(batch, pooling, special_ids)
+        labels = batch_labels(batch, index)
+        if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()):
+            normalise_labels(labels)  # raises the regression-target error before anything is copied
+        self._labels, labels_copied = _start_copy(labels)
+        self._poolable, mask_copied = _start_copy(self.weights.sum(1) > 0)
+        self._arrived: Optional[torch.cuda.Event] = None
+        if labels_copied or mask_copied:
+            self._arrived = torch.cuda.Event()
+            self._arrived.record()
+
+    def labels_and_poolable(self) -> Tuple[List[Any], np.ndarray]:
+        """The batch's labels as plain Python values and the (B,) mask of rows with a token to pool."""
+        if self._arrived is not None:
+            self._arrived.synchronize()  # recorded a batch ago: long done
+        return normalise_labels(self._labels), self._poolable.numpy().astype(bool, copy=False)
+
+
+def batch_labels(batch: Mapping[str, Any], index: int) -> Any:
+    """The batch's ``labels`` (or ``label``) entry, as the loader gave it."""
+    for key in LABEL_KEYS:
+        if key in batch:
+            return batch[key]
+    raise ValueError(
+        f"batch {index} has no labels: expected a 'labels' or 'label' entry (keys: {sorted(batch)})"
+    )
+
+
+def _start_copy(value: Any) -> Tuple[Any, bool]:
+    """``value`` on the host, and whether that took a copy (a CUDA tensor: pinned, still in flight)."""
+    if not isinstance(value, torch.Tensor) or value.is_cpu:
+        return value, False
+    if not value.is_cuda:
+        return value.cpu(), False
+    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+    host.copy_(value, non_blocking=True)
+    return host, True
+
+
+def prepared_batches(loader: Iterable[Any], pooling: str, special_ids: Optional[Sequence[int]],
+                     skip: Callable[[int, Any], bool] = lambda index, batch: False) -> Iterator[PreparedBatch]:
+    """The loader's batches, checked and prepared; ``skip(index, batch)`` drops those already scored."""
+    for index, batch in enumerate(loader):
+        if skip(index, batch):
+            continue
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"batch {index} is a {type(batch).__name__}; hsvfast needs dict batches with "
+                "'input_ids', 'attention_mask' and 'labels' (as tokenizers and collators make them)"
+            )
+        if "input_ids" not in batch:
+            raise ValueError(f"batch {index} has no 'input_ids' (keys: {sorted(batch)})")
+        yield PreparedBatch(index, batch, pooling, special_ids)
+
+
+def read_ahead(items: Iterable[T]) -> Iterator[T]:
+    """Yield each item only once the next one has been taken (and so prepared) from ``items``.
+
+    An error while taking the next item is raised after the item before it has been yielded
+    (and scored): a loader that fails midway loses nothing that was already read.
+    """
+    iterator = iter(items)
+    try:
+        pending = next(iterator)
+    except StopIteration:
+        return
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            yield pending
+            return
+        except Exception:
+            yield pending
+            raise
+        yield pending
+        pending = item
