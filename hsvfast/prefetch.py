@@ -34,17 +34,14 @@ class PreparedBatch:
         labels = batch_labels(batch, index)
         if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()):
             normalise_labels(labels)  # raises the regression-target error before anything is copied
-        self._labels, labels_copied = _start_copy(labels)
-        self._poolable, mask_copied = _start_copy(self.weights.sum(1) > 0)
-        self._arrived: Optional[torch.cuda.Event] = None
-        if labels_copied or mask_copied:
-            self._arrived = torch.cuda.Event()
-            self._arrived.record()
+        self._labels, labels_arrived = _start_copy(labels)
+        self._poolable, mask_arrived = _start_copy(self.weights.sum(1) > 0)
+        self._arrivals = [event for event in (labels_arrived, mask_arrived) if event is not None]
 
     def labels_and_poolable(self) -> Tuple[List[Any], np.ndarray]:
         """The batch's labels as plain Python values and the (B,) mask of rows with a token to pool."""
-        if self._arrived is not None:
-            self._arrived.synchronize()  # recorded a batch ago: long done
+        for event in self._arrivals:
+            event.synchronize()  # recorded a batch ago: long done
         return normalise_labels(self._labels), self._poolable.numpy().astype(bool, copy=False)
 
 
@@ -58,15 +55,18 @@ def batch_labels(batch: Mapping[str, Any], index: int) -> Any:
     )
 
 
-def _start_copy(value: Any) -> Tuple[Any, bool]:
-    """``value`` on the host, and whether that took a copy (a CUDA tensor: pinned, still in flight)."""
+def _start_copy(value: Any) -> Tuple[Any, Optional["torch.cuda.Event"]]:
+    """``value`` on the host; for a CUDA tensor a pinned copy still in flight, and the event that
+    marks its arrival (recorded on the stream of the tensor's device, which made the copy)."""
     if not isinstance(value, torch.Tensor) or value.is_cpu:
-        return value, False
+        return value, None
     if not value.is_cuda:
-        return value.cpu(), False
+        return value.cpu(), None
     host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
     host.copy_(value, non_blocking=True)
-    return host, True
+    arrived = torch.cuda.Event()
+    arrived.record(torch.cuda.current_stream(value.device))
+    return host, arrived
 
 
 def prepared_batches(loader: Iterable[Any], pooling: str, special_ids: Optional[Sequence[int]],
