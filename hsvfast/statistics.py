@@ -265,6 +265,7 @@ class Statistics:
         return class_ids, new_classes
 
     def _register(self, label: Hashable) -> int:
+        """Give a label seen for the first time the next class id."""
         if self.class_counts is not None and label not in self.class_counts:
             raise ValueError(
                 f"label {label!r} is not in class_counts (which has {sorted(self.class_counts, key=repr)}); "
@@ -373,9 +374,8 @@ class Statistics:
         m = self.moments[position]
         if m is None or act.shape[-1] != m.hidden_size:
             m = self._first_fold(position, act)
-        if plan.new_classes:
-            for cid, row in plan.new_classes:
-                _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
+        for cid, row in plan.new_classes:
+            _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
         # Runs once per layer and batch: keep the host's work here to a minimum (benchmarks/host_overhead.py).
         tensors = plan.device_tensors
         if self.mode == "per_class":  # rows go to the staging buffer; flushes make the Gram updates
@@ -467,10 +467,9 @@ class Statistics:
             raise ValueError("cannot merge statistics built with different class_counts")
         self.flush()
         other.flush()
-        new_labels = [label for label in other.labels if label not in self._class_of]
-        for label in new_labels:
-            self._class_of[label] = len(self.labels)
-            self.labels.append(label)
+        for label in other.labels:
+            if label not in self._class_of:
+                self._register(label)
         self._ensure_capacity(self.num_classes)
         self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
         ids = [self._class_of[label] for label in other.labels]

@@ -130,8 +130,7 @@ def load_statistics(path: "str | Path", device: "str | torch.device" = "cpu", wi
                        second_moments=meta["mode"] != "trace", max_memory=meta["max_memory"])
     stats.mode = meta["mode"]
     for label in meta["labels"]:
-        stats._class_of[label] = len(stats.labels)
-        stats.labels.append(label)
+        stats._register(label)
     c = stats.num_classes
     stats.capacity = max(stats.capacity, c)
     stats.counts = tensors["counts"].numpy().astype(np.int64).copy()

@@ -14,6 +14,7 @@ default without ``class_counts``); formulas in the README ("Which metric?") and 
 from __future__ import annotations
 
 import math
+
 import torch
 
 #: True when lower is better.
