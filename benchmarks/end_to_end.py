@@ -130,13 +130,21 @@ class Peak:
         return 0
 
 
+def seconds(fn, device: str):
+    """Wall seconds of ``fn()`` with the device idle before and after, and its result."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
 def timed(fn, device):
+    """:func:`seconds` and the peak memory of ``fn()``."""
     with Peak(device) as peak:
-        start = time.perf_counter()
-        result = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed, result = seconds(fn, device)
     return elapsed, peak.peak, result
 
 

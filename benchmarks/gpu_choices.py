@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hsvfast  # noqa: E402
 from baselines.floor import bare_forward  # noqa: E402
-from end_to_end import synthetic_batches, warm_up  # noqa: E402
+from end_to_end import seconds, synthetic_batches, warm_up  # noqa: E402
 
 
 def make_model(attention: str, device: str):
@@ -73,13 +72,8 @@ def main() -> None:
     results = {}
     for _ in range(args.rounds):
         for name, fn in methods.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            results[name] = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - began)
+            elapsed, results[name] = seconds(fn, device)
+            times[name].append(elapsed)
 
     default = statistics.median(times["hsvfast default (bf16 autocast, SDPA)"])
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -88,8 +82,8 @@ def main() -> None:
     print("| choice | median s | × default | tokens/s |")
     print("|---|---:|---:|---:|")
     for label, samples in times.items():
-        seconds = statistics.median(samples)
-        print(f"| {label} | {seconds:.3f} | {seconds / default:.3f} | {real_tokens / seconds:,.0f} |")
+        median = statistics.median(samples)
+        print(f"| {label} | {median:.3f} | {median / default:.3f} | {real_tokens / median:,.0f} |")
     bf16 = results["hsvfast default (bf16 autocast, SDPA)"]
     fp32 = results["autocast off (float32)"]
     print(f"\nν under bf16 autocast vs float32, max relative difference over layers: "

@@ -17,13 +17,18 @@ Prints median microseconds per batch and per layer and batch, for each statistic
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-import hsvfast
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hsvfast  # noqa: E402
+from baselines.floor import bare_forward  # noqa: E402
+from end_to_end import seconds  # noqa: E402
 
 
 class FreeBlock(nn.Module):
@@ -67,16 +72,10 @@ def main() -> None:
     data = batches(args.batches, args.batch_size, 2, args.classes)
     if device.type == "cuda":
         data = [{k: v.pin_memory() for k, v in b.items()} for b in data]
-    counts = {}
-    for b in data:
-        for label in b["labels"].tolist():
-            counts[label] = counts.get(label, 0) + 1
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    counts = dict(collections.Counter(label for b in data for label in b["labels"].tolist()))
 
     def floor():
-        with torch.inference_mode():
-            for b in data:
-                model(**{k: v.to(device, non_blocking=True) for k, v in b.items() if k != "labels"})
+        bare_forward(model, data, args.layers - 1)
 
     common = dict(layers=None, pooling="mean_all", blocks=model.layers)
     modes = {
@@ -93,22 +92,13 @@ def main() -> None:
     reports = {}
     for _ in range(args.rounds):
         for name, fn in methods.items():
-            sync()
-            start = time.perf_counter()
-            reports[name] = fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            elapsed, reports[name] = seconds(fn, device.type)
+            times[name].append(elapsed)
     finalise = {}
     for name in modes:
         stats = reports[name].stats
-        samples = []
-        for _ in range(args.rounds):
-            sync()
-            start = time.perf_counter()
-            hsvfast.report_from(stats)
-            sync()
-            samples.append(time.perf_counter() - start)
-        finalise[name] = statistics.median(samples)
+        finalise[name] = statistics.median(seconds(lambda: hsvfast.report_from(stats), device.type)[0]
+                                           for _ in range(args.rounds))
 
     base = statistics.median(times["bare forward"])
     print(f"\ndevice={device} backend={hsvfast.backend(device)} torch={torch.__version__} layers={args.layers} batches={args.batches} "
