@@ -20,6 +20,7 @@ import argparse
 import collections
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,28 @@ def batches(n: int, batch_size: int, tokens: int, classes: int, seed: int = 0):
     return [{"input_ids": torch.randint(0, 1000, (batch_size, tokens), generator=g),
              "attention_mask": torch.ones(batch_size, tokens, dtype=torch.long),
              "labels": torch.randint(0, classes, (batch_size,), generator=g)} for _ in range(n)]
+
+
+def copy_waits(device: torch.device, busy_ms: float = 50.0) -> dict:
+    """Host ms that a non-blocking copy of a batch's token weights (128 × 66 float32) takes when
+    ~``busy_ms`` of work is queued on the device: near ``busy_ms``, the driver waited for the device
+    (CUDA allows that for pageable memory), near 0 it did not."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10**6)
+    end.record()
+    end.synchronize()
+    cycles = int(busy_ms * 10**6 / start.elapsed_time(end))
+    waited = {}
+    for kind, tensor in (("pageable", torch.ones(128, 66)), ("pinned", torch.ones(128, 66).pin_memory())):
+        tensor.to(device, non_blocking=True)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        began = time.perf_counter()
+        tensor.to(device, non_blocking=True)
+        waited[kind] = (time.perf_counter() - began) * 1e3
+        torch.cuda.synchronize()
+    return waited
 
 
 def main() -> None:
@@ -111,6 +134,11 @@ def main() -> None:
         per_batch = (total - base - finalise[name]) / args.batches
         print(f"| {name} | {total * 1e3:.1f} | {finalise[name] * 1e3:.2f} | {per_batch * 1e6:.0f} | "
               f"{per_batch / args.layers * 1e6:.1f} |")
+    if device.type == "cuda":
+        waited = copy_waits(device)
+        print("\nhost ms of a non-blocking 33 KB host-to-device copy behind 50 ms of queued device work "
+              "(~50: the driver waited for the device): "
+              + ", ".join(f"{kind} {ms:.2f}" for kind, ms in waited.items()))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ class PreparedBatch:
     labels and the poolable-row mask on the host."""
 
     def __init__(self, index: int, batch: Mapping[str, Any], pooling: str,
-                 special_ids: Optional[Sequence[int]]) -> None:
+                 special_ids: Optional[Sequence[int]], pin: bool = False) -> None:
         self.index, self.batch = index, batch
         self.weights = token_weights(batch, pooling, special_ids)
+        if pin and self.weights.is_cpu:  # bound for a GPU: a copy from pinned memory never waits for it
+            self.weights = self.weights.pin_memory()
         labels = batch_labels(batch, index)
         if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()):
             normalise_labels(labels)  # raises the regression-target error before anything is copied
@@ -70,8 +72,12 @@ def _start_copy(value: Any) -> Tuple[Any, Optional["torch.cuda.Event"]]:
 
 
 def prepared_batches(loader: Iterable[Any], pooling: str, special_ids: Optional[Sequence[int]],
-                     skip: Callable[[int, Any], bool] = lambda index, batch: False) -> Iterator[PreparedBatch]:
-    """The loader's batches, checked and prepared; ``skip(index, batch)`` drops those already scored."""
+                     skip: Callable[[int, Any], bool] = lambda index, batch: False,
+                     pin: bool = False) -> Iterator[PreparedBatch]:
+    """The loader's batches, checked and prepared; ``skip(index, batch)`` drops those already scored.
+
+    ``pin``: the batches are scored on a GPU, so token weights made on the host go to pinned memory.
+    """
     for index, batch in enumerate(loader):
         if skip(index, batch):
             continue
@@ -82,7 +88,7 @@ def prepared_batches(loader: Iterable[Any], pooling: str, special_ids: Optional[
             )
         if "input_ids" not in batch:
             raise ValueError(f"batch {index} has no 'input_ids' (keys: {sorted(batch)})")
-        yield PreparedBatch(index, batch, pooling, special_ids)
+        yield PreparedBatch(index, batch, pooling, special_ids, pin)
 
 
 def read_ahead(items: Iterable[T]) -> Iterator[T]:

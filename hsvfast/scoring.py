@@ -135,7 +135,8 @@ def score(
         with torch.inference_mode():
             # Each batch is prepared (its host facts copied back, if it lives on a GPU) while the one
             # before it is scored: see hsvfast.prefetch.
-            for prepared in read_ahead(prepared_batches(bar, pooling, special_ids, skip=resume.skip)):
+            for prepared in read_ahead(prepared_batches(bar, pooling, special_ids, skip=resume.skip,
+                                                                    pin=device.type == "cuda")):
                 batch_index, batch, weights = prepared.index, prepared.batch, prepared.weights
                 labels, poolable = prepared.labels_and_poolable()
                 if len(labels) != len(poolable):
@@ -331,9 +332,11 @@ def _describe(model: nn.Module, blocks: nn.ModuleList, pooling: str, device: tor
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a tensor to the device; asynchronous when the loader pinned it (``pin_memory=True``).
+    """Copy a tensor to the device; asynchronous when it is pinned (``DataLoader(pin_memory=True)``).
 
-    hsvfast does not pin batches itself: on an H100 that measured no faster (benchmarks/RESULTS.md).
+    hsvfast does not pin the loader's tensors itself (on an H100 that measured no faster,
+    benchmarks/RESULTS.md); what it makes on the host for a GPU pass (token weights, index vectors)
+    it makes in pinned memory.
     """
     if tensor.device == device:
         return tensor

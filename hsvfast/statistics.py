@@ -205,15 +205,25 @@ class Statistics:
             out_rows = np.empty_like(order)
             out_rows[order] = np.arange(len(order))
         plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
-        # One host-to-device copy for both index vectors.
-        indices = torch.from_numpy(np.concatenate([class_ids, out_rows])).to(self.device, non_blocking=True)
-        plan.device_tensors["class_ids"], plan.device_tensors["out_rows"] = indices[: len(labels)], indices[len(labels):]
+        # The index vectors (and, balanced, each output row's 1/N_c) go over in one host-to-device copy,
+        # from pinned memory on a GPU: a copy from pageable memory may wait for the device (CUDA's
+        # documented behaviour), which would stall the pass once per batch.
+        n = len(labels)
+        host = torch.empty(3 * n if self.mode == "balanced" else 2 * n, dtype=torch.int64,
+                           pin_memory=self.device.type == "cuda")
+        packed = host.numpy()
+        packed[:n], packed[n : 2 * n] = class_ids, out_rows
         if self.mode == "balanced":
-            totals = np.array([self.class_counts[label] for label in self.labels], dtype=np.float64)
-            row_scale = np.zeros(len(labels))
-            for cid, a, b in segments:
-                row_scale[a:b] = 1.0 / totals[cid]
-            plan.device_tensors["row_scale"] = torch.from_numpy(row_scale).to(self.device, non_blocking=True)
+            # Output rows are grouped by class (skipped rows last, weight 0).
+            inverse_counts = 1.0 / np.array([self.class_counts[label] for label in self.labels], dtype=np.float64)
+            scale = packed[2 * n :].view(np.float64)
+            scale[:] = 0.0
+            scale[: int(batch_counts.sum())] = np.repeat(inverse_counts[present], batch_counts[present])
+        indices = host.to(self.device, non_blocking=True)
+        tensors = plan.device_tensors
+        tensors["class_ids"], tensors["out_rows"] = indices[:n], indices[n : 2 * n]
+        if self.mode == "balanced":
+            tensors["row_scale"] = indices[2 * n :].view(torch.float64)
         return plan
 
     def _class_ids(self, labels: Sequence[Hashable], poolable: np.ndarray):

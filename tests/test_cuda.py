@@ -1,4 +1,6 @@
 """End to end on a CUDA device (skips without one): statistics and scores agree with the CPU."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -66,15 +68,10 @@ class _SyncFreeModel(torch.nn.Module):
         return hidden
 
 
-@pytest.mark.parametrize("resident", [False, True], ids=["host_batches", "device_batches"])
-@pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
-def test_no_host_sync_between_batches(mode, resident):
-    """Nothing in hsvfast waits for the device while batches are scored, whether the loader yields
-    them on the host or already on the GPU (their labels and masks are read one batch ahead); the
-    finalisation at the end is where the results come back. Batches 0-10 of 12 run under the check
-    (the loader is read one batch ahead, so it ends before the last batch is scored)."""
-    model = _SyncFreeModel().cuda()
-    batches = random_batches(num_batches=12, classes=3)
+def _sync_test_batches(resident: bool, num_batches: int = 12):
+    """Batches of 12 sequences over 3 classes (on the GPU if ``resident``), their host copies and
+    the score keyword arguments of each mode."""
+    batches = random_batches(num_batches=num_batches, classes=3)
     for batch in batches:
         batch["input_ids"] = batch["input_ids"] % 64
     host_batches = batches
@@ -84,6 +81,23 @@ def test_no_host_sync_between_batches(mode, resident):
     for batch in host_batches:
         for label in batch["labels"].tolist():
             counts[label] = counts.get(label, 0) + 1
+    kwargs = {"per_class": {}, "balanced": {"class_counts": counts}, "trace": {"metrics": ["trace_ratio"]}}
+    return batches, host_batches, kwargs
+
+
+MODES = pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
+RESIDENT = pytest.mark.parametrize("resident", [False, True], ids=["host_batches", "device_batches"])
+
+
+@RESIDENT
+@MODES
+def test_no_host_sync_between_batches(mode, resident):
+    """Nothing in hsvfast waits for the device while batches are scored, whether the loader yields
+    them on the host or already on the GPU (their labels and masks are read one batch ahead); the
+    finalisation at the end is where the results come back. Batches 0-10 of 12 run under the check
+    (the loader is read one batch ahead, so it ends before the last batch is scored)."""
+    model = _SyncFreeModel().cuda()
+    batches, host_batches, kwargs = _sync_test_batches(resident)
 
     def loader():
         for index, batch in enumerate(batches):
@@ -92,12 +106,81 @@ def test_no_host_sync_between_batches(mode, resident):
             yield batch
         torch.cuda.set_sync_debug_mode("default")
 
-    kwargs = {"per_class": {}, "balanced": {"class_counts": counts}, "trace": {"metrics": ["trace_ratio"]}}[mode]
     try:
-        report = hsvfast.score(model, loader(), blocks=model.layers, autocast=False, **kwargs)
+        report = hsvfast.score(model, loader(), blocks=model.layers, autocast=False, **kwargs[mode])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert report.num_examples == 12 * 12 and report.backend == "cuda"
-    reference = hsvfast.score(model.cpu(), host_batches, blocks=model.layers, **kwargs)
+    reference = hsvfast.score(model.cpu(), host_batches, blocks=model.layers, **kwargs[mode])
     for name in report.metrics:  # float32 forward on both devices
         np.testing.assert_allclose(report.metrics[name], reference.metrics[name], rtol=1e-4)
+
+
+class _BusyDeviceModel(_SyncFreeModel):
+    """Each block first keeps the device busy for a while (``torch.cuda._sleep``), at no cost to the host."""
+
+    def __init__(self, sleep_cycles: int):
+        super().__init__()
+        self.sleep_cycles = sleep_cycles
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hidden = self.embeddings(input_ids)
+        for block in self.layers:
+            torch.cuda._sleep(self.sleep_cycles)
+            hidden = block(hidden)
+        return hidden
+
+
+def _sleep_cycles(milliseconds: float) -> int:
+    """``torch.cuda._sleep`` cycles that keep this device busy for about ``milliseconds``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
+    start.record()
+    torch.cuda._sleep(10**6)
+    end.record()
+    end.synchronize()
+    return int(milliseconds * 10**6 / start.elapsed_time(end))
+
+
+def _wall_seconds(fn) -> float:
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
+@RESIDENT
+@MODES
+def test_the_device_never_waits_for_the_host_between_batches(mode, resident):
+    """What the sync debug mode cannot see: a driver call that waits for the device inside it (CUDA
+    documents that copies from pageable host memory may). Each batch keeps the device busy for
+    ~30 ms and the loader takes 10 ms of host time per batch: if anything waited for the device once
+    per batch, the loader's time would add up (24 × 10 ms); overlapped, the pass takes about as long
+    as the bare forward of the same batches."""
+    model = _BusyDeviceModel(_sleep_cycles(10.0)).cuda()
+    batches, _, kwargs = _sync_test_batches(resident, num_batches=24)
+    loader_seconds = 0.010
+
+    def loader():
+        for batch in batches:
+            time.sleep(loader_seconds)  # reading and collating on the host
+            yield batch
+
+    def score(items):
+        hsvfast.score(model, items, blocks=model.layers, autocast=False, **kwargs[mode])
+
+    def bare_forward():
+        with torch.inference_mode():
+            for batch in batches:
+                model(batch["input_ids"].cuda(non_blocking=True))
+
+    hsvfast.score(model, batches[:2], blocks=model.layers, autocast=False)  # CUDA, cuBLAS, allocator warm-up
+    floor = min(_wall_seconds(bare_forward) for _ in range(2))
+    scored = min(_wall_seconds(lambda: score(loader())) for _ in range(2))
+    waited = scored - floor
+    assert waited < 0.5 * len(batches) * loader_seconds, (
+        f"scoring took {scored * 1e3:.0f} ms, the bare forward {floor * 1e3:.0f} ms: {waited * 1e3:.0f} ms more, "
+        f"near the {len(batches)} × {loader_seconds * 1e3:.0f} ms the loader took on the host, so the host's "
+        "work per batch was not overlapped with the device's (something waits for the device once per batch)"
+    )

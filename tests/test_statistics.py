@@ -36,10 +36,15 @@ def batches(tokens, labels, order, batch_size, padding="right", pad_value=0.0):
         yield torch.from_numpy(act), torch.from_numpy(weights), [int(labels[i]) for i in rows]
 
 
-def accumulate(tokens, labels, order, batch_size, padding="right", dtype=torch.float64, complete=True, **kwargs):
+def accumulate(tokens, labels, order, batch_size, padding="right", dtype=torch.float64, complete=True,
+               unpoolable=(), **kwargs):
+    """Statistics of two layers (the tokens, and twice the tokens); rows in ``unpoolable`` have no token to pool."""
     stats = Statistics([0, 1], **kwargs)
-    for act, weights, batch_labels in batches(tokens, labels, order, batch_size, padding):
-        plan = stats.plan_batch(batch_labels, np.ones(len(batch_labels), bool))
+    starts = range(0, len(order), batch_size)
+    for start, (act, weights, batch_labels) in zip(starts, batches(tokens, labels, order, batch_size, padding)):
+        poolable = np.array([i not in unpoolable for i in order[start : start + batch_size]])
+        weights[~torch.from_numpy(poolable)] = 0.0
+        plan = stats.plan_batch(batch_labels, poolable)
         for position in range(2):
             stats.fold(position, act.to(dtype) * (position + 1), weights, plan)
         stats.finish_batch(plan)
@@ -169,6 +174,18 @@ def test_balanced_mode_equals_per_class_mode(kernel_backend):
     merged = halves[0].merge(halves[1])
     merged.check_complete()
     assert_same(per_class, summary(merged))
+
+
+@pytest.mark.parametrize("mode", ["per_class", "balanced"])
+def test_rows_without_a_token_to_pool_are_left_out(mode, kernel_backend):
+    tokens, labels = corpus(seed=8, classes=4)
+    dropped = {3, 10, 11, 30, 56}  # row 3 is class 3's first row; 56 is the last row
+    kept = np.array([i for i in range(len(labels)) if i not in dropped])
+    counts = {int(c): int((labels[kept] == c).sum()) for c in np.unique(labels)}
+    kwargs = {"class_counts": counts} if mode == "balanced" else {}
+    stats = accumulate(tokens, labels, np.arange(len(labels)), 7, unpoolable=dropped, **kwargs)
+    assert stats.mode == mode and stats.num_skipped == len(dropped) and stats.num_examples == len(kept)
+    assert_same(summary(accumulate(tokens, labels, kept, 7)), summary(stats))
 
 
 def test_half_precision_activations_match_their_float64_values(kernel_backend):
