@@ -7,6 +7,8 @@ batches, so a huge corpus is never held tokenised all at once.
 """
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 
@@ -31,10 +33,17 @@ class BucketedBatches:
     """Iterable of dict batches: ``input_ids``, ``attention_mask``, ``special_tokens_mask``,
     ``labels`` (and ``token_type_ids`` where the tokenizer makes them).
 
+    Sequences are padded on the right whatever ``tokenizer.padding_side`` says: every real token
+    keeps the position it has unpadded, so a model that does not derive positions from the
+    attention mask (BERT, and Llama without ``position_ids``) sees it exactly as it would alone.
+    A tokenizer without a pad token pads with its end-of-sequence token (the attention mask
+    and the token weights leave the padding out).
+
     Args:
         texts: the sentences (or first sentences of pairs).
         labels: one label per text.
-        tokenizer: a (fast) Hugging Face tokenizer; it tokenises in batches.
+        tokenizer: a Hugging Face tokenizer. A fast one is run through its Rust backend in batches
+            (a private copy, so the caller's tokenizer settings are left alone).
         text_pairs: second sentences for pair tasks (MRPC, RTE, QNLI).
         batch_size: sequences per batch.
         max_length: truncate longer sequences (128 as in the paper).
@@ -61,30 +70,98 @@ class BucketedBatches:
         self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.chunk_size = batch_size, max_length, batch_size * chunk_batches
         self.padding = PaddingStats()
+        self._backend = _truncating_backend(tokenizer, max_length)
+        self._pad_values = _pad_values(tokenizer)
 
     def __len__(self) -> int:
         return sum(-(-min(self.chunk_size, len(self.texts) - s) // self.batch_size)
                    for s in range(0, len(self.texts), self.chunk_size))
 
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
         self.padding = PaddingStats()
-        for start in range(0, len(self.texts), self.chunk_size):
-            stop = min(len(self.texts), start + self.chunk_size)
-            pairs = self.text_pairs[start:stop] if self.text_pairs is not None else None
-            encoded = self.tokenizer(
-                self.texts[start:stop], pairs, truncation=True, max_length=self.max_length,
-                return_special_tokens_mask=True, return_attention_mask=True,
-            )
-            lengths = np.array([len(ids) for ids in encoded["input_ids"]])
-            order = np.argsort(lengths, kind="stable")
-            for first in range(0, len(order), self.batch_size):
-                rows = order[first : first + self.batch_size]
-                features = [{key: encoded[key][r] for key in encoded.keys()} for r in rows]
-                batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
-                batch["labels"] = _label_tensor([self.labels[start + r] for r in rows])
-                self.padding.real_tokens += int(lengths[rows].sum())
-                self.padding.padded_tokens += int(batch["input_ids"].numel())
-                yield batch
+        # Each chunk is tokenised in a background thread while the batches of the one before are
+        # used: the Rust tokenizer releases the GIL, so tokenising overlaps with the forward pass.
+        total = len(self.texts)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsvfast-tokenize")
+        try:
+            upcoming = pool.submit(self._encode, 0, min(total, self.chunk_size)) if total else None
+            for start in range(0, total, self.chunk_size):
+                columns = upcoming.result()
+                following = start + self.chunk_size
+                if following < total:
+                    upcoming = pool.submit(self._encode, following, min(total, following + self.chunk_size))
+                yield from self._chunk_batches(start, columns)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _chunk_batches(self, start: int, columns: Dict[str, List[List[int]]]) -> Iterator[Dict[str, Any]]:
+        """The batches of one tokenised chunk (texts start, start + 1, …), shortest sequences first."""
+        lengths = np.array([len(ids) for ids in columns["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        for first in range(0, len(order), self.batch_size):
+            rows = order[first : first + self.batch_size]
+            batch = _right_padded(columns, rows, lengths[rows], self._pad_values)
+            batch["labels"] = _label_tensor([self.labels[start + r] for r in rows])
+            self.padding.real_tokens += int(lengths[rows].sum())
+            self.padding.padded_tokens += int(batch["input_ids"].numel())
+            yield batch
+
+    def _encode(self, start: int, stop: int) -> Dict[str, List[List[int]]]:
+        """Token ids, special-token masks (and token types) of texts[start:stop], unpadded."""
+        texts = self.texts[start:stop]
+        pairs = self.text_pairs[start:stop] if self.text_pairs is not None else None
+        with_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ["token_type_ids"])
+        if self._backend is not None:
+            encodings = self._backend.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+            columns = {"input_ids": [e.ids for e in encodings],
+                       "special_tokens_mask": [e.special_tokens_mask for e in encodings]}
+            if with_types:
+                columns["token_type_ids"] = [e.type_ids for e in encodings]
+            return columns
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length,
+                                 return_special_tokens_mask=True, return_attention_mask=False)
+        return {key: encoded[key] for key in ("input_ids", "special_tokens_mask", "token_type_ids") if key in encoded}
+
+
+def _truncating_backend(tokenizer: Any, max_length: int) -> Any:
+    """A private copy of a fast tokenizer's Rust backend that truncates like ``tokenizer(..., truncation=True,
+    max_length=max_length)`` and never pads; None for a slow tokenizer (it is called as it is)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+    except Exception:  # a component that does not serialise (custom Python pre-tokenizer): call the tokenizer
+        return None
+    copy.no_padding()
+    copy.enable_truncation(max_length, strategy="longest_first",
+                           direction=getattr(tokenizer, "truncation_side", "right"))
+    return copy
+
+
+def _pad_values(tokenizer: Any) -> Dict[str, int]:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:  # decoders often have none; what fills the padding is never attended or pooled
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return {"input_ids": pad_id, "special_tokens_mask": 1,
+            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+
+
+def _right_padded(columns: Dict[str, List[List[int]]], rows: np.ndarray, lengths: np.ndarray,
+                  pad_values: Dict[str, int]) -> Dict[str, Any]:
+    """The rows ``rows`` of each column as one right-padded (B, longest) long tensor, plus the attention mask."""
+    attended = np.arange(int(lengths.max()) if len(lengths) else 0) < lengths[:, None]
+    total = int(lengths.sum())
+    batch = {}
+    for key, column in columns.items():
+        padded = np.full(attended.shape, pad_values[key], dtype=np.int64)
+        # Row-major order of the attended positions is the order of the concatenated rows.
+        padded[attended] = np.fromiter(itertools.chain.from_iterable(column[r] for r in rows), np.int64, total)
+        batch[key] = torch.from_numpy(padded)
+    batch["attention_mask"] = torch.from_numpy(attended.astype(np.int64))
+    return batch
 
 
 def _label_tensor(labels: List[Hashable]):

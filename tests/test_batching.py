@@ -67,3 +67,74 @@ def test_mismatched_lengths_are_refused(tokenizer):
         BucketedBatches(["a", "b"], [0], tokenizer)
     with pytest.raises(ValueError, match="batch_size"):
         BucketedBatches(["a"], [0], tokenizer, batch_size=0)
+
+
+def _reference_batch(tokenizer, texts, pairs, rows, max_length):
+    """What transformers makes of these rows: tokenised together, padded on the right."""
+    encoded = tokenizer([texts[r] for r in rows], [pairs[r] for r in rows] if pairs else None, truncation=True,
+                        max_length=max_length, padding=True, return_special_tokens_mask=True, return_tensors="pt")
+    return dict(encoded)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
+def test_batches_equal_what_the_tokenizer_makes_padded_on_the_right(tokenizer, pairs, padding_side):
+    texts, _ = read_sst2_train(200)
+    second = texts[100:] + texts[:100] if pairs else None
+    max_length = 24  # truncates the longer texts and pairs
+    original = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        batcher = BucketedBatches(texts, list(range(200)), tokenizer, text_pairs=second, batch_size=16,
+                                  max_length=max_length, chunk_batches=3)
+        seen = []
+        for batch in batcher:
+            rows = batch["labels"].tolist()  # labels are the row numbers
+            seen += rows
+            tokenizer.padding_side = "right"
+            expected = _reference_batch(tokenizer, texts, second, rows, max_length)
+            tokenizer.padding_side = padding_side
+            assert set(batch) == set(expected) | {"labels"}
+            for key, value in expected.items():
+                assert batch[key].dtype == torch.long and torch.equal(batch[key], value), key
+        assert sorted(seen) == list(range(200))
+        assert batcher.padding.real_tokens == sum(len(tokenizer(t, p, truncation=True, max_length=max_length)["input_ids"])
+                                                  for t, p in zip(texts, second or [None] * 200))
+    finally:
+        tokenizer.padding_side = original
+
+
+def test_the_callers_tokenizer_is_left_alone(tokenizer):
+    state = lambda: (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)  # noqa: E731
+    before = state()
+    list(BucketedBatches(["a short text", "and a longer one than that"], [0, 1], tokenizer, max_length=3))
+    assert state() == before
+
+
+def test_tokenizer_without_a_backend_gives_the_same_batches(tokenizer, monkeypatch):
+    texts, labels = read_sst2_train(100)
+    fast = list(BucketedBatches(texts, labels, tokenizer, batch_size=16, max_length=20))
+    monkeypatch.setattr(hsvfast.batching, "_truncating_backend", lambda tokenizer, max_length: None)
+    called = list(BucketedBatches(texts, labels, tokenizer, batch_size=16, max_length=20))
+    assert len(fast) == len(called)
+    for a, b in zip(fast, called):
+        assert set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_tokenizer_without_a_pad_token_pads_with_end_of_sequence():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, "the": 2, "cat": 3, "sat": 4, "on": 5, "mat": 6}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 0)])
+    decoder_like = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
+                                           model_input_names=["input_ids", "attention_mask"])
+    assert decoder_like.pad_token is None
+    (batch,) = BucketedBatches(["the cat sat on the mat", "the cat"], [0, 1], decoder_like, batch_size=2)
+    assert set(batch) == {"input_ids", "attention_mask", "special_tokens_mask", "labels"}
+    assert batch["input_ids"].tolist() == [[2, 3, 0, 0, 0, 0, 0], [2, 3, 4, 5, 2, 6, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
+    assert batch["special_tokens_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1]]
+    assert batch["labels"].tolist() == [1, 0]
