@@ -48,6 +48,9 @@ class BucketedBatches:
         batch_size: sequences per batch.
         max_length: truncate longer sequences (128 as in the paper).
         chunk_batches: how many batches are tokenised and sorted together.
+        pin_memory: pad straight into pinned (page-locked) memory, for a pass on a GPU: the copies
+            to the device are then asynchronous, as with ``DataLoader(pin_memory=True)``, at no
+            extra host copy.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class BucketedBatches:
         batch_size: int = 64,
         max_length: int = 128,
         chunk_batches: int = 64,
+        pin_memory: bool = False,
     ) -> None:
         if len(texts) != len(labels):
             raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
@@ -72,6 +76,7 @@ class BucketedBatches:
         self.padding = PaddingStats()
         self._backend = _truncating_backend(tokenizer, max_length)
         self._pad_values = _pad_values(tokenizer)
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return sum(-(-min(self.chunk_size, len(self.texts) - s) // self.batch_size)
@@ -100,7 +105,7 @@ class BucketedBatches:
         order = np.argsort(lengths, kind="stable")
         for first in range(0, len(order), self.batch_size):
             rows = order[first : first + self.batch_size]
-            batch = _right_padded(columns, rows, lengths[rows], self._pad_values)
+            batch = _right_padded(columns, rows, lengths[rows], self._pad_values, self.pin_memory)
             batch["labels"] = _label_tensor([self.labels[start + r] for r in rows])
             self.padding.real_tokens += int(lengths[rows].sum())
             self.padding.padded_tokens += int(batch["input_ids"].numel())
@@ -150,17 +155,21 @@ def _pad_values(tokenizer: Any) -> Dict[str, int]:
 
 
 def _right_padded(columns: Dict[str, List[List[int]]], rows: np.ndarray, lengths: np.ndarray,
-                  pad_values: Dict[str, int]) -> Dict[str, Any]:
+                  pad_values: Dict[str, int], pin_memory: bool = False) -> Dict[str, Any]:
     """The rows ``rows`` of each column as one right-padded (B, longest) long tensor, plus the attention mask."""
     attended = np.arange(int(lengths.max()) if len(lengths) else 0) < lengths[:, None]
     total = int(lengths.sum())
     batch = {}
     for key, column in columns.items():
-        padded = np.full(attended.shape, pad_values[key], dtype=np.int64)
+        tensor = torch.empty(attended.shape, dtype=torch.long, pin_memory=pin_memory)
+        padded = tensor.numpy()
+        padded.fill(pad_values[key])
         # Row-major order of the attended positions is the order of the concatenated rows.
         padded[attended] = np.fromiter(itertools.chain.from_iterable(column[r] for r in rows), np.int64, total)
-        batch[key] = torch.from_numpy(padded)
-    batch["attention_mask"] = torch.from_numpy(attended.astype(np.int64))
+        batch[key] = tensor
+    mask = torch.empty(attended.shape, dtype=torch.long, pin_memory=pin_memory)
+    mask.numpy()[...] = attended
+    batch["attention_mask"] = mask
     return batch
 
 

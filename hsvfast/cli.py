@@ -89,8 +89,11 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
     import hsvfast
     from hsvfast.batching import BucketedBatches
 
+    import torch
+
+    target = torch.device(device) if device else next(model.parameters()).device
     batches = BucketedBatches(texts, labels, tokenizer, text_pairs=pairs, batch_size=batch_size,
-                              max_length=max_length)
+                              max_length=max_length, pin_memory=target.type == "cuda")
     report = hsvfast.score(model, batches, layers=layers, pooling=pooling, tokenizer=tokenizer, device=device,
                            progress=progress, **score_options)
     return dataclasses.replace(report, task=task, model_name=model_name or report.model_name)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import hsvfast
-from conftest import DATA_DIR
+from conftest import DATA_DIR, requires_cuda
 from hsvfast.batching import BucketedBatches
+from tiny_models import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +123,7 @@ def test_tokenizer_without_a_backend_gives_the_same_batches(tokenizer, monkeypat
 
 
 def test_tokenizer_without_a_pad_token_pads_with_end_of_sequence():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<eos>": 0, "<unk>": 1, "the": 2, "cat": 3, "sat": 4, "on": 5, "mat": 6}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 0)])
-    decoder_like = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
-                                           model_input_names=["input_ids", "attention_mask"])
+    decoder_like = tiny_tokenizer(pad_token=False)
     assert decoder_like.pad_token is None
     (batch,) = BucketedBatches(["the cat sat on the mat", "the cat"], [0, 1], decoder_like, batch_size=2)
     assert set(batch) == {"input_ids", "attention_mask", "special_tokens_mask", "labels"}
@@ -138,3 +131,15 @@ def test_tokenizer_without_a_pad_token_pads_with_end_of_sequence():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
     assert batch["special_tokens_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1]]
     assert batch["labels"].tolist() == [1, 0]
+    (padded,) = BucketedBatches(["the cat sat on the mat", "the cat"], [0, 1], tiny_tokenizer(), batch_size=2)
+    assert padded["input_ids"][0].tolist() == [2, 3, 0, 7, 7, 7, 7]
+
+
+@requires_cuda
+def test_pinned_batches_hold_the_same_values():
+    texts = ["the cat sat on the mat", "the cat", "on the mat the cat sat", "sat"] * 5
+    plain = list(BucketedBatches(texts, list(range(20)), tiny_tokenizer(), batch_size=8))
+    pinned = list(BucketedBatches(texts, list(range(20)), tiny_tokenizer(), batch_size=8, pin_memory=True))
+    for a, b in zip(plain, pinned):
+        assert all(b[key].is_pinned() for key in b if key != "labels")
+        assert all(torch.equal(a[key], b[key]) for key in a)
