@@ -99,6 +99,23 @@ class BucketedBatches:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def label_counts(self, pooling: str = "mean") -> Dict[Hashable, int]:
+        """How many texts of each label :func:`hsvfast.score` will pool with ``pooling`` — a tokenising
+        pre-pass, chunk by chunk (nothing is kept). Texts with no token to pool (under ``"mean"``, an
+        empty text is only special tokens) are skipped by ``score`` and not counted, so the result
+        can be passed as ``class_counts``."""
+        from .statistics import normalise_labels
+
+        labels = normalise_labels(self.labels)
+        counts: Dict[Hashable, int] = {}
+        for start in range(0, len(self.texts), self.chunk_size):
+            columns = self._encode(start, min(len(self.texts), start + self.chunk_size))
+            for offset, (ids, special) in enumerate(zip(columns["input_ids"], columns["special_tokens_mask"])):
+                if (0 in special) if pooling == "mean" else len(ids) > 0:
+                    label = labels[start + offset]
+                    counts[label] = counts.get(label, 0) + 1
+        return counts
+
     def _chunk_batches(self, start: int, columns: Dict[str, List[List[int]]]) -> Iterator[Dict[str, Any]]:
         """The batches of one tokenised chunk (texts start, start + 1, …), shortest sequences first."""
         lengths = np.array([len(ids) for ids in columns["input_ids"]])

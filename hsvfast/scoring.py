@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _kernels
+from .batching import BucketedBatches
 from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
@@ -62,8 +63,9 @@ def score(
         tokenizer: finds special tokens when batches carry no ``special_tokens_mask``.
         class_counts: ``{label: count}`` of the whole corpus, known in advance: keeps
             one class-balanced d×d matrix per layer instead of one per class (needed
-            for many classes at large d). Read from the loader's dataset label column
-            automatically when per-class matrices would exceed ``max_memory``.
+            for many classes at large d). When per-class matrices would exceed ``max_memory``,
+            read from the loader's dataset label column, or counted by a pre-pass of a
+            :class:`hsvfast.batching.BucketedBatches` loader.
         device: run the model and keep the statistics there (the model is moved
             for the call and moved back); default the model's device.
         progress: show a progress bar.
@@ -95,9 +97,10 @@ def score(
     original_device = _model_device(model)
     device = torch.device(device) if device is not None else original_device
     special_ids = special_token_ids(tokenizer)
-    if class_counts is None and not (metrics and set(metrics) - {"variability", "trace_ratio"}):
-        class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory)
     metric_names = check_metric_names(metrics if metrics is not None else DEFAULT_METRICS)
+    # Only ν needs d×d second moments that class_counts can make class-balanced (one per layer).
+    if class_counts is None and "variability" in metric_names and set(metric_names) <= {"variability", "trace_ratio"}:
+        class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory, pooling)
     family = [n for n in metric_names if n not in ("variability", "trace_ratio")]
     if family and class_counts is not None:
         raise ValueError(f"metric {family[0]!r} needs per-class statistics; leave class_counts out to compute it")
@@ -358,12 +361,18 @@ def _accepted_kwargs(model: nn.Module) -> Dict[str, Any]:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
-def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int):
-    """Class counts from a Hugging Face dataset's label column, when per-class matrices would not fit."""
+def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int, pooling: str):
+    """Class counts, when per-class matrices would not fit: from :class:`hsvfast.batching.BucketedBatches`
+    (a tokenising pre-pass that counts what will be scored) or a Hugging Face dataset's label column."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not hidden:
+        return None
+    if isinstance(loader, BucketedBatches):
+        classes = len(set(normalise_labels(loader.labels)))
+        return loader.label_counts(pooling) if num_layers * per_class_bytes(classes, hidden) > max_memory else None
     dataset = getattr(loader, "dataset", None)
     columns = getattr(dataset, "column_names", None)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not columns or not hidden:
+    if not columns:
         return None
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)):

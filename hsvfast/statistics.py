@@ -354,17 +354,24 @@ class Statistics:
         if needed <= self.capacity:
             return
         self.flush()  # the staging layout depends on the capacity
-        capacity = max(needed, 2 * self.capacity)
-        self._check_memory(capacity, [m.hidden_size for m in self.moments if m is not None])
+        sizes = [m.hidden_size for m in self.moments if m is not None]
+        capacity = max(needed, 2 * self.capacity)  # doubling: few regrowths
+        if capacity > needed and (not sizes or self._memory_needed(capacity, sizes) > self.max_memory):
+            # Room for exactly these classes where doubling would pass the cap (or, before the first
+            # fold, might: the hidden size is not known yet).
+            capacity = needed
+        self._check_memory(capacity, sizes)
         for m in self.moments:
             if m is not None:
                 m.grow(capacity, self.mode)
         self.capacity = capacity
 
+    def _memory_needed(self, capacity: int, hidden_sizes: List[int]) -> int:
+        """Bytes of the capped buffers (per-class second moments and staging) at this capacity."""
+        return sum(per_class_bytes(capacity, d) for d in hidden_sizes) if self.mode == "per_class" else 0
+
     def _check_memory(self, capacity: int, hidden_sizes: List[int]) -> None:
-        if self.mode != "per_class" or not hidden_sizes:
-            return
-        needed_bytes = sum(per_class_bytes(capacity, d) for d in hidden_sizes)
+        needed_bytes = self._memory_needed(capacity, hidden_sizes)
         if needed_bytes > self.max_memory:
             raise MemoryError(
                 f"per-class covariance statistics (with their staging buffers) for {capacity} classes over "

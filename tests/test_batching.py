@@ -143,3 +143,23 @@ def test_pinned_batches_hold_the_same_values():
     for a, b in zip(plain, pinned):
         assert all(b[key].is_pinned() for key in b if key != "labels")
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_score_counts_the_batchers_classes_when_per_class_matrices_do_not_fit():
+    from tiny_models import tiny_model
+
+    texts = ["the cat sat", "on the mat", "the mat", "cat sat on the mat", "", "sat", "the cat", "mat on the cat"] * 6
+    labels = [i % 3 for i in range(len(texts))]
+    batcher = BucketedBatches(texts, labels, tiny_tokenizer(), batch_size=8)
+    # The empty texts are only <eos>, a special token: nothing to pool under "mean", so not counted.
+    expected = {c: sum(1 for t, y in zip(texts, labels) if y == c and t) for c in range(3)}
+    assert batcher.label_counts("mean") == expected
+    assert batcher.label_counts("mean_all") == {c: labels.count(c) for c in range(3)}
+    model = tiny_model("bert")
+    with pytest.warns(UserWarning, match="skipping"):
+        roomy = hsvfast.score(model, batcher)
+    with pytest.warns(UserWarning, match="skipping"):
+        tight = hsvfast.score(model, batcher, max_memory=100_000)  # < 3 classes × 4 layers × 32² float64
+    assert roomy.stats.mode == "per_class" and tight.stats.mode == "balanced"
+    assert tight.num_skipped == 6 and tight.class_counts == expected
+    np.testing.assert_allclose(tight.metrics["variability"], roomy.metrics["variability"], rtol=1e-9)

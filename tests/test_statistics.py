@@ -203,11 +203,25 @@ def test_many_classes_without_counts_hits_the_memory_cap():
         accumulate(tokens, labels, np.arange(len(labels)), 50, max_memory=10 * 2 * 8 * DIM * DIM)
 
 
+def test_capacity_grows_exactly_where_doubling_would_pass_the_cap(kernel_backend):
+    """Classes arriving one by one grow the accumulators by doubling (2, 4, 8 …); where doubling would
+    pass max_memory but the classes themselves fit, they get exactly the room they need."""
+    tokens, labels = corpus(seed=9, n=80, classes=5)
+    order = np.argsort(labels, kind="stable")  # class by class: the 5th class arrives at capacity 4
+    fits_five = 2 * per_class_bytes(5, DIM)
+    assert fits_five < 2 * per_class_bytes(8, DIM)
+    stats = accumulate(tokens, labels, order, 6, max_memory=fits_five)
+    assert stats.capacity == 5
+    assert_same(summary(accumulate(tokens, labels, order, 6)), summary(stats))
+    with pytest.raises(MemoryError, match="class_counts"):
+        accumulate(tokens, labels, order, 6, max_memory=fits_five - 1)
+
+
 def test_memory_cap_counts_the_staging_buffers():
-    tokens, labels = corpus(seed=6, n=60, classes=3)
-    matrices_only = 2 * 4 * 8 * DIM * DIM  # 2 layers × capacity 4 × d² float64
-    staged = 2 * 8 * DIM * (4 * stage_rows(4, DIM) + 1)
-    assert per_class_bytes(4, DIM) * 2 == matrices_only + staged
+    tokens, labels = corpus(seed=6, n=60, classes=3)  # all 3 classes in the first batch: capacity 3
+    matrices_only = 2 * 3 * 8 * DIM * DIM  # 2 layers × 3 classes × d² float64
+    staged = 2 * 8 * DIM * (3 * stage_rows(3, DIM) + 1)
+    assert per_class_bytes(3, DIM) * 2 == matrices_only + staged
     with pytest.raises(MemoryError, match="staging"):
         accumulate(tokens, labels, np.arange(len(labels)), 8, max_memory=matrices_only + staged - 1)
     accumulate(tokens, labels, np.arange(len(labels)), 8, max_memory=matrices_only + staged)
