@@ -47,17 +47,22 @@ def shard(items, rank: Optional[int] = None, world_size: Optional[int] = None) -
     return [items[i] for i in ShardSampler(len(items), rank, world_size)]
 
 
+def gathered(value, group=None) -> list:
+    """``value`` of every rank, in rank order (any picklable value)."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, value, group=group)
+    return everyone
+
+
 def all_reduce_statistics(stats: Statistics, group=None) -> Statistics:
     """Sum the statistics of every rank into every rank's ``stats`` (in place; returns it)."""
     stats.flush()  # staged rows are relative to the shifts this function replaces
-    world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     mine = {"labels": stats.labels, "counts": stats.counts[: stats.num_classes].tolist(),
             "sizes": [m.hidden_size if m is not None else None for m in stats.moments],
             "skipped": stats.num_skipped, "batches": stats.num_batches, "info": stats.info, "layers": stats.layers,
             "mode": stats.mode}
-    everyone: List[dict] = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
+    everyone: List[dict] = gathered(mine, group)
     for other in everyone:
         if other["layers"] != stats.layers or other["mode"] != stats.mode:
             raise ValueError("ranks scored different layers or modes; every rank must call score() alike")

@@ -20,7 +20,7 @@ from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
 from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
 from .report import Report
-from .distributed import all_reduce_statistics, is_distributed
+from .distributed import all_reduce_statistics, gathered, is_distributed
 from .statistics import DEFAULT_MAX_MEMORY, Statistics, normalise_labels, per_class_bytes
 from .storage import load_statistics, save_statistics
 
@@ -368,8 +368,15 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
     if not hidden:
         return None
     if isinstance(loader, BucketedBatches):
-        classes = len(set(normalise_labels(loader.labels)))
-        return loader.label_counts(pooling) if num_layers * per_class_bytes(classes, hidden) > max_memory else None
+        classes = set(normalise_labels(loader.labels))
+        if is_distributed():  # every rank decides alike, on the classes and counts of the whole corpus
+            classes = set().union(*gathered(classes))
+        if num_layers * per_class_bytes(len(classes), hidden) <= max_memory:
+            return None
+        counts = loader.label_counts(pooling)
+        if is_distributed():
+            counts = dict(sum((collections.Counter(part) for part in gathered(counts)), collections.Counter()))
+        return counts
     dataset = getattr(loader, "dataset", None)
     columns = getattr(dataset, "column_names", None)
     if not columns:

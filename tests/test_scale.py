@@ -201,6 +201,29 @@ def test_two_gloo_processes_give_the_single_process_report(tmp_path):
     assert (tmp_path / "ckpt.rank0").exists() and (tmp_path / "ckpt.rank1").exists()
 
 
+def test_two_gloo_processes_count_the_batchers_classes_together(tmp_path):
+    """Class 3 lives in rank 1's shard only: both ranks must still choose class-balanced statistics
+    with the counts of the whole corpus, and report what one process reports."""
+    import torch.multiprocessing as mp
+
+    from distributed_worker import build_double_bert, score_batcher_shard
+    from hsvfast.batching import BucketedBatches
+    from tiny_models import tiny_corpus, tiny_tokenizer
+
+    mp.spawn(score_batcher_shard, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    texts, labels = tiny_corpus()
+    with pytest.warns(UserWarning, match="skipping"):
+        single = hsvfast.score(build_double_bert(), BucketedBatches(texts, labels, tiny_tokenizer(), batch_size=8))
+    assert single.stats.mode == "per_class"
+    for rank in range(2):
+        saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert saved.pop("mode") == "balanced"
+        report = hsvfast.Report.from_dict(saved)
+        assert report.num_examples == 40 and report.num_skipped == 2 and report.class_counts["3"] == 5
+        for name in single.metrics:
+            np.testing.assert_allclose(report.metrics[name], single.metrics[name], rtol=1e-9)
+
+
 @pytest.mark.parametrize("size,world", [(10, 3), (7, 2), (2, 4), (0, 2)])
 def test_shard_sampler_neither_drops_nor_duplicates(size, world):
     parts = [list(ShardSampler(size, rank, world)) for rank in range(world)]

@@ -73,3 +73,15 @@ def tiny_tokenizer(pad_token: bool = True):
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
                                    pad_token="<pad>" if pad_token else None,
                                    model_input_names=["input_ids", "attention_mask"])
+
+
+def tiny_corpus(n: int = 42, seed: int = 0):
+    """Texts for :func:`tiny_tokenizer` with labels 0-2, class 3 only at odd positions (the second
+    shard of two), and the last two texts empty (nothing to pool under "mean")."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "cat", "sat", "on", "mat"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(n - 2)] + ["", ""]
+    labels = [3 if i % 8 == 1 else i % 3 for i in range(n)]
+    return texts, labels
