@@ -6,7 +6,7 @@ import torch
 import hsvfast
 from conftest import DATA_DIR, requires_cuda
 from hsvfast.batching import BucketedBatches
-from tiny_models import tiny_tokenizer
+from tiny_models import byte_level_bpe_tokenizer, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,17 @@ def _reference_batch(tokenizer, texts, pairs, rows, max_length):
     return dict(encoded)
 
 
+@pytest.fixture(scope="module", params=["minilm_wordpiece", "byte_level_bpe"])
+def any_tokenizer(request):
+    if request.param == "minilm_wordpiece":
+        return request.getfixturevalue("tokenizer")
+    return byte_level_bpe_tokenizer(read_sst2_train(2000)[0])
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("pairs", [False, True], ids=["single", "pairs"])
-def test_batches_equal_what_the_tokenizer_makes_padded_on_the_right(tokenizer, pairs, padding_side):
+def test_batches_equal_what_the_tokenizer_makes_padded_on_the_right(any_tokenizer, pairs, padding_side):
+    tokenizer = any_tokenizer
     texts, _ = read_sst2_train(200)
     second = texts[100:] + texts[:100] if pairs else None
     max_length = 24  # truncates the longer texts and pairs

@@ -85,3 +85,20 @@ def tiny_corpus(n: int = 42, seed: int = 0):
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(n - 2)] + ["", ""]
     labels = [3 if i % 8 == 1 else i % 3 for i in range(n)]
     return texts, labels
+
+
+def byte_level_bpe_tokenizer(corpus, vocab_size: int = 400):
+    """A RoBERTa-style fast tokenizer (byte-level BPE, <s> … </s>, pairs joined by </s></s>)
+    trained in memory on ``corpus``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.RobertaProcessing(("</s>", backend.token_to_id("</s>")),
+                                                          ("<s>", backend.token_to_id("<s>")))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
