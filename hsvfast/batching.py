@@ -70,6 +70,10 @@ class BucketedBatches:
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} second sentences")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for name, column in (("texts", texts), ("text_pairs", text_pairs if text_pairs is not None else ())):
+            bad = next((i for i, text in enumerate(column) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise TypeError(f"{name}[{bad}] is {column[bad]!r}, not a string: drop or fill missing texts first")
         self.texts, self.labels, self.text_pairs = list(texts), list(labels), text_pairs
         self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.chunk_size = batch_size, max_length, batch_size * chunk_batches

@@ -68,6 +68,10 @@ def test_mismatched_lengths_are_refused(tokenizer):
         BucketedBatches(["a", "b"], [0], tokenizer)
     with pytest.raises(ValueError, match="batch_size"):
         BucketedBatches(["a"], [0], tokenizer, batch_size=0)
+    with pytest.raises(TypeError, match=r"texts\[1\] is None, not a string"):
+        BucketedBatches(["a", None], [0, 1], tokenizer)
+    with pytest.raises(TypeError, match=r"text_pairs\[0\] is nan"):
+        BucketedBatches(["a", "b"], [0, 1], tokenizer, text_pairs=[float("nan"), "c"])
 
 
 def _reference_batch(tokenizer, texts, pairs, rows, max_length):
