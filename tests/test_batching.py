@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hsvfast
-from conftest import DATA_DIR, requires_cuda
+from conftest import DATA_DIR, _missing, requires_cuda
 from hsvfast.batching import BucketedBatches
 from tiny_models import byte_level_bpe_tokenizer, tiny_tokenizer
 
@@ -18,6 +18,8 @@ def tokenizer(minilm_path):
 
 def read_sst2_train(n):
     path = DATA_DIR / "sst2" / "train.tsv"
+    if not path.exists():
+        _missing(str(path))
     rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1 : n + 1]]
     return [r[1] for r in rows], [int(r[0]) for r in rows]
 
