@@ -80,6 +80,8 @@ class BucketedBatches:
         self.padding = PaddingStats()
         self._backend = _truncating_backend(tokenizer, max_length)
         self._pad_values = _pad_values(tokenizer)
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True is for copies to a CUDA device, and none is available: leave it False")
         self.pin_memory = pin_memory
 
     def __len__(self) -> int:

@@ -149,6 +149,12 @@ def test_tokenizer_without_a_pad_token_pads_with_end_of_sequence():
     assert padded["input_ids"][0].tolist() == [2, 3, 0, 7, 7, 7, 7]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_pinned_batches_need_a_cuda_device():
+    with pytest.raises(ValueError, match="pin_memory=True"):
+        BucketedBatches(["the cat"], [0], tiny_tokenizer(), pin_memory=True)
+
+
 @requires_cuda
 def test_pinned_batches_hold_the_same_values():
     texts = ["the cat sat on the mat", "the cat", "on the mat the cat sat", "sat"] * 5
