@@ -48,13 +48,15 @@ def load_model(name: str, device: str, dtype: torch.dtype):
         tokenizer = None
     if name == "bert-large-random":
         config = tf.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
-        model = tf.BertModel(config)
+        make = tf.BertModel
     elif name == "llama-1b-random":
         config = tf.LlamaConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                 num_key_value_heads=8, intermediate_size=8192)
-        model = tf.LlamaModel(config)
+        make = tf.LlamaModel
     else:
         raise SystemExit(f"unknown model {name}")
+    with torch.device(device):  # random init on the device: a minute less for 1B parameters than on the host
+        model = make(config)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
