@@ -86,10 +86,10 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
     """Batch texts by length and score them; returns the report with its task and model names set."""
     import dataclasses
 
+    import torch
+
     import hsvfast
     from hsvfast.batching import BucketedBatches
-
-    import torch
 
     target = torch.device(device) if device else next(model.parameters()).device
     batches = BucketedBatches(texts, labels, tokenizer, text_pairs=pairs, batch_size=batch_size,
