@@ -158,7 +158,8 @@ def run_score(args: argparse.Namespace) -> int:
                         header=False if args.no_header else None, limit=args.limit, layers=parse_layers(args.layers),
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
                         device=args.device, progress=not args.quiet, model_name=display_name(args.model),
-                        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+                        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                        max_memory=int(args.max_memory * 2**30))
     if args.save_stats:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--plot", help="write a PNG plot here")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument("--save-stats", help="also write the statistics (safetensors) for hsvfast merge")
+    score.add_argument("--max-memory", type=float, default=4.0, metavar="GIB",
+                       help="GiB for per-class second moments, all layers together (default 4). Past it, the "
+                            "classes are counted first and one class-balanced matrix per layer is kept "
+                            "instead; such statistics merge only with parts of the same counts")
     score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
                        "resumed from when it exists")
     score.add_argument("--checkpoint-every", type=int, default=1000)

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,23 @@ def test_score_writes_report_and_plot(tmp_path, tiny_model_dir):
     loaded = hsvfast.Plan.load(tmp_path / "plan.json")
     assert loaded.head_layer == report["best_layer"] and loaded.tuned_layers == [report["best_layer"]]
     assert json.loads((tmp_path / "plan.lora.json").read_text())["layers_to_transform"] == loaded.tuned_layers
+
+
+def test_max_memory_switches_to_class_balanced_statistics_with_the_same_numbers(tmp_path, tiny_model_dir):
+    data = tsv(tmp_path / "train.tsv")
+    reports = {}
+    for name, extra in (("per_class", []), ("balanced", ["--max-memory", "0.00005"])):  # 0.00005 GiB < 3 × 2 × 32²
+        result = run_cli("score", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / f"{name}.json",
+                         "--quiet", "--save-stats", tmp_path / f"{name}.safetensors", *extra)
+        assert result.returncode == 0, result.stderr
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    import hsvfast
+
+    assert hsvfast.load_statistics(tmp_path / "balanced.safetensors").mode == "balanced"
+    assert hsvfast.load_statistics(tmp_path / "per_class.safetensors").mode == "per_class"
+    assert reports["balanced"]["class_counts"] == {"0": 12, "1": 12}
+    np.testing.assert_allclose(reports["balanced"]["metrics"]["variability"],
+                               reports["per_class"]["metrics"]["variability"], rtol=1e-9)
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels"])
