@@ -105,16 +105,21 @@ class BucketedBatches:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def label_counts(self, pooling: str = "mean") -> Dict[Hashable, int]:
+    def label_counts(self, pooling: str = "mean", progress: bool = False) -> Dict[Hashable, int]:
         """How many texts of each label :func:`hsvfast.score` will pool with ``pooling`` — a tokenising
         pre-pass, chunk by chunk (nothing is kept). Texts with no token to pool (under ``"mean"``, an
         empty text is only special tokens) are skipped by ``score`` and not counted, so the result
-        can be passed as ``class_counts``."""
+        can be passed as ``class_counts``. ``progress`` shows a bar over the chunks."""
         from .statistics import normalise_labels
 
         labels = normalise_labels(self.labels)
         counts: Dict[Hashable, int] = {}
-        for start in range(0, len(self.texts), self.chunk_size):
+        starts = range(0, len(self.texts), self.chunk_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="hsvfast: counting classes", unit="chunk")
+        for start in starts:
             columns = self._encode(start, min(len(self.texts), start + self.chunk_size))
             for offset, (ids, special) in enumerate(zip(columns["input_ids"], columns["special_tokens_mask"])):
                 if (0 in special) if pooling == "mean" else len(ids) > 0:

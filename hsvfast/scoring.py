@@ -100,7 +100,7 @@ def score(
     metric_names = check_metric_names(metrics if metrics is not None else DEFAULT_METRICS)
     # Only ν needs d×d second moments that class_counts can make class-balanced (one per layer).
     if class_counts is None and "variability" in metric_names and set(metric_names) <= {"variability", "trace_ratio"}:
-        class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory, pooling)
+        class_counts = _counts_if_needed(model, loader, len(layer_ids), max_memory, pooling, progress)
     family = [n for n in metric_names if n not in ("variability", "trace_ratio")]
     if family and class_counts is not None:
         raise ValueError(f"metric {family[0]!r} needs per-class statistics; leave class_counts out to compute it")
@@ -361,7 +361,8 @@ def _accepted_kwargs(model: nn.Module) -> Dict[str, Any]:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
-def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int, pooling: str):
+def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int, pooling: str,
+                      progress: bool = False):
     """Class counts, when per-class matrices would not fit: from :class:`hsvfast.batching.BucketedBatches`
     (a tokenising pre-pass that counts what will be scored) or a Hugging Face dataset's label column."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
@@ -373,7 +374,7 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
             classes = set().union(*gathered(classes))
         if num_layers * per_class_bytes(len(classes), hidden) <= max_memory:
             return None
-        counts = loader.label_counts(pooling)
+        counts = loader.label_counts(pooling, progress=progress)
         if is_distributed():
             counts = dict(sum((collections.Counter(part) for part in gathered(counts)), collections.Counter()))
         return counts
