@@ -298,12 +298,12 @@ def main() -> None:
 
     source = "generated text" if args.synthetic else "file"
     ours_e2e, paper_e2e = f"hsvfast end to end ({source} → report)", f"paper end to end ({source} → report)"
-    from_file = {  # once each, after the rounds (the paper's takes minutes)
+    from_text = {  # once each, after the rounds (the paper's takes minutes)
         ours_e2e: (hsvfast_e2e, "hsvfast_e2e" not in skip),
         paper_e2e: (lambda: paper_end_to_end(model, tokenizer, *corpus(), layers),
-                                             "paper_e2e" not in skip and args.device == "cpu"),
+                    "paper_e2e" not in skip and args.device == "cpu"),
     }
-    for name, (fn, wanted) in from_file.items():
+    for name, (fn, wanted) in from_text.items():
         if wanted:
             elapsed, peak, result = timed(fn, args.device)
             rows[name] = (elapsed, peak)

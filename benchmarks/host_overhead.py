@@ -59,16 +59,22 @@ def batches(n: int, batch_size: int, tokens: int, classes: int, seed: int = 0):
              "labels": torch.randint(0, classes, (batch_size,), generator=g)} for _ in range(n)]
 
 
-def copy_waits(device: torch.device, busy_ms: float = 50.0) -> dict:
-    """Host ms that a non-blocking copy of a batch's token weights (128 × 66 float32) takes when
-    ~``busy_ms`` of work is queued on the device: near ``busy_ms``, the driver waited for the device
-    (CUDA allows that for pageable memory), near 0 it did not."""
+def sleep_cycles(milliseconds: float) -> int:
+    """``torch.cuda._sleep`` cycles that keep the current CUDA device busy for about ``milliseconds``."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1000)
     start.record()
     torch.cuda._sleep(10**6)
     end.record()
     end.synchronize()
-    cycles = int(busy_ms * 10**6 / start.elapsed_time(end))
+    return int(milliseconds * 10**6 / start.elapsed_time(end))
+
+
+def copy_waits(device: torch.device, busy_ms: float = 50.0) -> dict:
+    """Host ms that a non-blocking copy of a batch's token weights (128 × 66 float32) takes when
+    ~``busy_ms`` of work is queued on the device: near ``busy_ms``, the driver waited for the device
+    (CUDA allows that for pageable memory), near 0 it did not."""
+    cycles = sleep_cycles(busy_ms)
     waited = {}
     for kind, tensor in (("pageable", torch.ones(128, 66)), ("pinned", torch.ones(128, 66).pin_memory())):
         tensor.to(device, non_blocking=True)  # warm-up

@@ -85,22 +85,25 @@ class BucketedBatches:
         self.pin_memory = pin_memory
 
     def __len__(self) -> int:
-        return sum(-(-min(self.chunk_size, len(self.texts) - s) // self.batch_size)
-                   for s in range(0, len(self.texts), self.chunk_size))
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self._chunks())
+
+    def _chunks(self) -> List[tuple]:
+        """(start, stop) of each chunk of texts tokenised and sorted together."""
+        total = len(self.texts)
+        return [(start, min(total, start + self.chunk_size)) for start in range(0, total, self.chunk_size)]
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         self.padding = PaddingStats()
         # Each chunk is tokenised in a background thread while the batches of the one before are
         # used: the Rust tokenizer releases the GIL, so tokenising overlaps with the forward pass.
-        total = len(self.texts)
+        chunks = self._chunks()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsvfast-tokenize")
         try:
-            upcoming = pool.submit(self._encode, 0, min(total, self.chunk_size)) if total else None
-            for start in range(0, total, self.chunk_size):
+            upcoming = pool.submit(self._encode, *chunks[0]) if chunks else None
+            for index, (start, _) in enumerate(chunks):
                 columns = upcoming.result()
-                following = start + self.chunk_size
-                if following < total:
-                    upcoming = pool.submit(self._encode, following, min(total, following + self.chunk_size))
+                if index + 1 < len(chunks):
+                    upcoming = pool.submit(self._encode, *chunks[index + 1])
                 yield from self._chunk_batches(start, columns)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -114,13 +117,13 @@ class BucketedBatches:
 
         labels = normalise_labels(self.labels)
         counts: Dict[Hashable, int] = {}
-        starts = range(0, len(self.texts), self.chunk_size)
+        chunks = self._chunks()
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="hsvfast: counting classes", unit="chunk")
-        for start in starts:
-            columns = self._encode(start, min(len(self.texts), start + self.chunk_size))
+            chunks = tqdm(chunks, desc="hsvfast: counting classes", unit="chunk")
+        for start, stop in chunks:
+            columns = self._encode(start, stop)
             for offset, (ids, special) in enumerate(zip(columns["input_ids"], columns["special_tokens_mask"])):
                 if (0 in special) if pooling == "mean" else len(ids) > 0:
                     label = labels[start + offset]

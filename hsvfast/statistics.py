@@ -165,7 +165,8 @@ class Statistics:
     # ----------------------------------------------------------------- labels
     @property
     def capacity(self) -> int:
-        """Classes the accumulators have room for (they grow by doubling)."""
+        """Classes the accumulators have room for (they grow by doubling, or exactly where doubling
+        would pass ``max_memory``)."""
         return self._capacity
 
     @capacity.setter
@@ -190,8 +191,7 @@ class Statistics:
         """
         class_ids, new_classes = self._class_ids(labels, poolable)
         if new_classes:
-            self._ensure_capacity(self.num_classes)
-            self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+            self._make_room()
         # Rows grouped by class, in input order within a class; skipped rows (-1) last.
         order = np.argsort(np.where(class_ids < 0, self.num_classes, class_ids), kind="stable")
         batch_counts = np.bincount(class_ids[class_ids >= 0], minlength=self.num_classes)
@@ -350,6 +350,11 @@ class Statistics:
         if self.device.type == "cpu":  # free to check at once; on a GPU it waits for the end (a sync)
             self.check_finite()
 
+    def _make_room(self) -> None:
+        """Accumulators and counts for every registered class (after new labels were registered)."""
+        self._ensure_capacity(self.num_classes)
+        self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -487,8 +492,7 @@ class Statistics:
         for label in other.labels:
             if label not in self._class_of:
                 self._register(label)
-        self._ensure_capacity(self.num_classes)
-        self.counts = np.concatenate([self.counts, np.zeros(self.num_classes - len(self.counts), np.int64)])
+        self._make_room()
         ids = [self._class_of[label] for label in other.labels]
         for position, (mine, theirs) in enumerate(zip(self.moments, other.moments)):
             if theirs is None:

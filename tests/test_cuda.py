@@ -1,4 +1,5 @@
 """End to end on a CUDA device (skips without one): statistics and scores agree with the CPU."""
+import sys
 import time
 
 import numpy as np
@@ -6,8 +7,12 @@ import pytest
 import torch
 
 import hsvfast
-from conftest import requires_cuda
+from conftest import REPO, requires_cuda
 from tiny_models import random_batches, tiny_model
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from end_to_end import seconds  # noqa: E402
+from host_overhead import sleep_cycles  # noqa: E402
 
 pytestmark = requires_cuda
 
@@ -120,36 +125,17 @@ class _BusyModel(_SyncFreeModel):
     """A forward that first spends ``host_seconds`` on the host (as eager PyTorch does launching
     kernels), then keeps the device busy for a while in each block (``torch.cuda._sleep``)."""
 
-    def __init__(self, host_seconds: float, sleep_cycles: int):
+    def __init__(self, host_seconds: float, cycles: int):
         super().__init__()
-        self.host_seconds, self.sleep_cycles = host_seconds, sleep_cycles
+        self.host_seconds, self.cycles = host_seconds, cycles
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         time.sleep(self.host_seconds)
         hidden = self.embeddings(input_ids)
         for block in self.layers:
-            torch.cuda._sleep(self.sleep_cycles)
+            torch.cuda._sleep(self.cycles)
             hidden = block(hidden)
         return hidden
-
-
-def _sleep_cycles(milliseconds: float) -> int:
-    """``torch.cuda._sleep`` cycles that keep this device busy for about ``milliseconds``."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1000)
-    start.record()
-    torch.cuda._sleep(10**6)
-    end.record()
-    end.synchronize()
-    return int(milliseconds * 10**6 / start.elapsed_time(end))
-
-
-def _wall_seconds(fn) -> float:
-    torch.cuda.synchronize()
-    began = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - began
 
 
 @RESIDENT
@@ -161,7 +147,7 @@ def test_the_device_never_waits_for_the_host_between_batches(mode, resident):
     the device's work on the batches before; a wait for the device once per batch would leave the
     device idle for it every batch (24 × 10 ms more than the bare forward)."""
     host_seconds, num_batches = 0.010, 24
-    model = _BusyModel(host_seconds, _sleep_cycles(10.0)).cuda()
+    model = _BusyModel(host_seconds, sleep_cycles(10.0)).cuda()
     batches, _, kwargs = _sync_test_batches(resident, num_batches=num_batches)
     if not resident:  # as DataLoader(pin_memory=True) yields them: the test is about hsvfast's own copies
         batches = [{key: value.pin_memory() for key, value in batch.items()} for batch in batches]
@@ -175,8 +161,8 @@ def test_the_device_never_waits_for_the_host_between_batches(mode, resident):
         hsvfast.score(model, batches, blocks=model.layers, autocast=False, **kwargs[mode])
 
     hsvfast.score(model, batches[:2], blocks=model.layers, autocast=False)  # CUDA, cuBLAS, allocator warm-up
-    floor = min(_wall_seconds(bare_forward) for _ in range(2))
-    scored = min(_wall_seconds(score) for _ in range(2))
+    floor = min(seconds(bare_forward, "cuda")[0] for _ in range(2))
+    scored = min(seconds(score, "cuda")[0] for _ in range(2))
     added = scored - floor
     assert added < 0.5 * num_batches * host_seconds, (
         f"scoring took {scored * 1e3:.0f} ms, the bare forward {floor * 1e3:.0f} ms: {added * 1e3:.0f} ms more, "
