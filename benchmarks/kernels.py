@@ -125,6 +125,52 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.synchronize()
     assert int(state["nonfinite"].item()) == _kernels.NO_BAD_BATCH
+    several_layers(args.device, args.small, args.repeats)
+
+
+def several_layers(device: str, small: bool, repeats: int) -> None:
+    """All layers of one batch in one call (what score does on a GPU) against a call per layer: the
+    same numbers, and on the GPU the wall time of launching them (host path included, no graph)."""
+    if small:  # for compute-sanitizer: widths and alignments of both CUDA code paths in one launch
+        shapes, dtype, count = [(4, 7, 131), (4, 7, 264), (4, 7, 8)], torch.float32, 3
+    else:  # BERT-large, a batch of 128 SST-2-length sequences
+        shapes, dtype, count = [(128, 35, 1024)] * 24, torch.bfloat16, 24
+    layers = []
+    for i, (batch, tokens, dim) in enumerate(shapes[:count]):
+        act, weights, labels, out_rows, state = make(batch, tokens, dim, dtype, device, misaligned=small and i == 0)
+        layers.append((act, state))
+    acts, states = [a for a, _ in layers], [st for _, st in layers]
+
+    def one_call():
+        _kernels.pool_fold_layers(acts, weights, [st["out"] for st in states], labels, out_rows,
+                                  [st["shift"] for st in states], [st["sums"] for st in states],
+                                  [st["sqnorms"] for st in states], [st["nonfinite"] for st in states])
+
+    def call_per_layer():
+        for act, st in layers:
+            _kernels.pool_fold(act, weights, st["out"], labels=labels, out_rows=out_rows, shift=st["shift"],
+                               sums=st["sums"], sqnorms=st["sqnorms"], nonfinite=st["nonfinite"], validate=False)
+
+    one_call()
+    got = [st["out"].clone() for st in states]
+    call_per_layer()
+    difference = max(float((g - st["out"]).abs().max()) for g, st in zip(got, states))
+    times = {}
+    for name, fn in (("a call per layer", call_per_layer), ("one call", one_call)):
+        samples = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            began = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - began)
+        times[name] = statistics.median(samples)
+    print(f"\n{count} layers of {shapes[0][0]}×{shapes[0][1]}×{shapes[0][2]} {str(dtype).replace('torch.', '')} "
+          f"(wall, host path included): a call per layer {times['a call per layer'] * 1e6:.0f} µs, one call "
+          f"{times['one call'] * 1e6:.0f} µs; outputs differ by {difference:.1e}")
+    assert difference == 0.0
 
 
 if __name__ == "__main__":

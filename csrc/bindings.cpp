@@ -2,7 +2,11 @@
 // so the module never links libtorch and one build serves every torch version.
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
 #include <cstdint>
+#include <stdexcept>
+#include <vector>
 
 #include "pool_fold.h"
 
@@ -37,6 +41,27 @@ PoolFoldArgs make_args(std::uintptr_t act, int dtype, int64_t batch, int64_t tok
   return a;
 }
 
+// Per-layer entries of pool_fold_layers, flattened: act, dim, stride_b, stride_t, stride_d,
+// shift, out, sums, sqnorms, nonfinite (a flat list of ints converts faster than tuples).
+constexpr size_t kLayerFields = 10;
+
+std::vector<hsvfast::LayerPointers> layer_pointers(const std::vector<int64_t>& flat) {
+  if (flat.size() % kLayerFields != 0) throw std::invalid_argument("hsvfast: 10 entries per layer expected");
+  std::vector<hsvfast::LayerPointers> layers(flat.size() / kLayerFields);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int64_t* f = flat.data() + i * kLayerFields;
+    auto& l = layers[i];
+    l.act = ptr<const void>(std::uintptr_t(f[0]));
+    l.dim = f[1]; l.stride_b = f[2]; l.stride_t = f[3]; l.stride_d = f[4];
+    l.shift = ptr<const double>(std::uintptr_t(f[5]));
+    l.out = ptr<double>(std::uintptr_t(f[6]));
+    l.sums = ptr<double>(std::uintptr_t(f[7]));
+    l.sqnorms = ptr<double>(std::uintptr_t(f[8]));
+    l.nonfinite = ptr<int64_t>(std::uintptr_t(f[9]));
+  }
+  return layers;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -55,6 +80,28 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "Pool and fold one batch on the CPU (see csrc/pool_fold.h for the contract).");
+
+  // device < 0: CPU; else the CUDA device whose `stream` to launch on.
+  m.def(
+      "pool_fold_layers",
+      [](int dtype, int64_t batch, int64_t tokens, std::uintptr_t weights, std::uintptr_t labels,
+         std::uintptr_t out_rows, int64_t batch_index, const std::vector<int64_t>& flat_layers, int device,
+         std::uintptr_t stream) {
+        const auto layers = layer_pointers(flat_layers);
+        const PoolFoldArgs common = make_args(0, dtype, batch, tokens, 0, 0, 0, 0, weights, labels, out_rows, 0, 0, 0,
+                                              0, 0, batch_index);
+        py::gil_scoped_release release;
+        if (device < 0) {
+          hsvfast::pool_fold_layers_cpu(common, layers.data(), int64_t(layers.size()));
+        } else {
+#ifdef HSVFAST_WITH_CUDA
+          hsvfast::pool_fold_layers_cuda(common, layers.data(), int64_t(layers.size()), device, stream);
+#else
+          throw std::invalid_argument("hsvfast: this build has no CUDA kernels");
+#endif
+        }
+      },
+      "Pool and fold several layers of one batch (one CUDA launch; see csrc/pool_fold.h).");
 
 #ifdef HSVFAST_WITH_CUDA
   m.def(

@@ -14,6 +14,12 @@
 #pragma once
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define HSVFAST_HOST_DEVICE __host__ __device__
+#else
+#define HSVFAST_HOST_DEVICE
+#endif
+
 namespace hsvfast {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -37,11 +43,38 @@ struct PoolFoldArgs {
   int64_t batch_index = 0;
 };
 
+// What differs between the layers of one batch: the layer's activations and its statistics.
+// Everything else (dtype, batch, tokens, weights, labels, out_rows, batch_index) is shared.
+struct LayerPointers {
+  const void* act = nullptr;
+  int64_t dim = 0, stride_b = 0, stride_t = 0, stride_d = 0;
+  const double* shift = nullptr;
+  double* out = nullptr;
+  double* sums = nullptr;
+  double* sqnorms = nullptr;
+  int64_t* nonfinite = nullptr;
+};
+
+// The single-layer contract for one layer of a multi-layer call.
+HSVFAST_HOST_DEVICE inline PoolFoldArgs with_layer(PoolFoldArgs a, const LayerPointers& l) {
+  a.act = l.act;
+  a.dim = l.dim;
+  a.stride_b = l.stride_b; a.stride_t = l.stride_t; a.stride_d = l.stride_d;
+  a.shift = l.shift; a.out = l.out; a.sums = l.sums; a.sqnorms = l.sqnorms; a.nonfinite = l.nonfinite;
+  return a;
+}
+
 void pool_fold_cpu(const PoolFoldArgs& args);
+// `count` layers of one batch, one after the other (each as pool_fold_cpu(with_layer(common, layer))).
+void pool_fold_layers_cpu(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count);
 
 #ifdef HSVFAST_WITH_CUDA
-// Launches on `stream` of CUDA device `device`; never synchronises the host.
+// Launch on `stream` of CUDA device `device`; never synchronise the host. The layers version
+// pools up to kMaxLaunchLayers layers of one batch per kernel launch (one launch per batch
+// instead of one per layer: on a forward pass bound by the host, every launch is paid in full).
 void pool_fold_cuda(const PoolFoldArgs& args, int device, std::uintptr_t stream);
+void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count, int device,
+                           std::uintptr_t stream);
 #endif
 
 }  // namespace hsvfast

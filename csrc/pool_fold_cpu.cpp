@@ -193,4 +193,8 @@ void pool_fold_cpu(const PoolFoldArgs& a) {
   throw std::invalid_argument("hsvfast: unsupported activation dtype code");
 }
 
+void pool_fold_layers_cpu(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) pool_fold_cpu(with_layer(common, layers[i]));
+}
+
 }  // namespace hsvfast

@@ -1,6 +1,8 @@
 // CUDA implementation of the pool-and-fold contract in pool_fold.h.
 //
-// One block per (sequence, slice of 32 * kItems hidden dimensions), kWarps warps.
+// One block per (sequence, slice of 32 * kItems hidden dimensions, layer), kWarps warps.
+// A launch covers up to kMaxLaunchLayers layers of one batch (grid z), their pointers passed
+// by value as one __grid_constant__ parameter: score() launches once per batch, not per layer.
 // Warp w reads tokens w, w + kWarps, ...: every warp streams whole token rows, so
 // the block has kWarps independent loads in flight per lane (times kUnroll tokens
 // per iteration), which is what a memory-bound kernel needs on a GPU with
@@ -11,6 +13,7 @@
 // atomics; a NaN/Inf lowers *nonfinite atomically. Nothing synchronises the host.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -25,6 +28,13 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;          // tokens per warp per iteration (loads in flight)
 constexpr int kScalarItems = 4;     // dimensions per lane on the generic (strided) path
+constexpr int kMaxLaunchLayers = 48;  // layers per launch: the parameters stay within 4 KiB
+
+struct LayersLaunch {
+  PoolFoldArgs common;
+  LayerPointers layer[kMaxLaunchLayers];
+};
+static_assert(sizeof(LayersLaunch) <= 4096, "kernel parameters must fit in 4 KiB");
 
 __device__ __forceinline__ double warp_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -53,8 +63,9 @@ __device__ __forceinline__ int item_dim(int lane, int i) {
   return kVector ? lane * kCount + i : lane + 32 * i;
 }
 
+// One block's work: sequence blockIdx.y, hidden slice blockIdx.x of the layer `a` describes.
 template <typename Storage, bool kVector>
-__global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
+__device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   using Vec = Items<Storage, kVector>;
   constexpr int kItems = Vec::kCount;
   constexpr int kSlice = 32 * kItems;
@@ -65,6 +76,7 @@ __global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t b = blockIdx.y;
   const int64_t slice = int64_t(blockIdx.x) * kSlice;
+  if (slice >= a.dim) return;  // a narrower layer than the widest of the launch (uniform over the block)
   const int64_t label = a.labels ? a.labels[b] : 0;
   double* out = a.out + (a.out_rows ? a.out_rows[b] : b) * a.dim + slice;
 
@@ -162,24 +174,37 @@ __global__ void __launch_bounds__(kThreads) pool_fold_kernel(PoolFoldArgs a) {
   }
 }
 
+template <typename Storage, bool kVector>
+__global__ void __launch_bounds__(kThreads) pool_fold_kernel(const __grid_constant__ LayersLaunch launch) {
+  pool_fold_block<Storage, kVector>(with_layer(launch.common, launch.layer[blockIdx.z]));
+}
+
 // The 16-byte fast path needs unit stride along the hidden size, whole vectors per
 // row and 16-byte aligned rows.
 template <typename Storage>
-bool vectorizable(const PoolFoldArgs& a) {
+bool vectorizable(const LayerPointers& l) {
   constexpr int64_t n = 16 / sizeof(Storage);
-  return a.stride_d == 1 && a.dim % n == 0 && a.stride_t % n == 0 && a.stride_b % n == 0 &&
-         reinterpret_cast<std::uintptr_t>(a.act) % 16 == 0;
+  return l.stride_d == 1 && l.dim % n == 0 && l.stride_t % n == 0 && l.stride_b % n == 0 &&
+         reinterpret_cast<std::uintptr_t>(l.act) % 16 == 0;
 }
 
+// One kernel for `count` <= kMaxLaunchLayers layers; the fast path when every layer allows it.
 template <typename Storage>
-void launch(const PoolFoldArgs& a, cudaStream_t stream) {
-  const bool vector = vectorizable<Storage>(a);
+void launch(const LayersLaunch& args, int64_t count, cudaStream_t stream) {
+  bool vector = true;
+  int64_t widest = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    vector = vector && vectorizable<Storage>(args.layer[i]);
+    widest = std::max(widest, args.layer[i].dim);
+  }
+  if (widest == 0) return;
   const int64_t slice = 32 * (vector ? int64_t(16 / sizeof(Storage)) : kScalarItems);
-  const dim3 grid(static_cast<unsigned>((a.dim + slice - 1) / slice), static_cast<unsigned>(a.batch));
+  const dim3 grid(static_cast<unsigned>((widest + slice - 1) / slice), static_cast<unsigned>(args.common.batch),
+                  static_cast<unsigned>(count));
   if (vector) {
-    pool_fold_kernel<Storage, true><<<grid, kThreads, 0, stream>>>(a);
+    pool_fold_kernel<Storage, true><<<grid, kThreads, 0, stream>>>(args);
   } else {
-    pool_fold_kernel<Storage, false><<<grid, kThreads, 0, stream>>>(a);
+    pool_fold_kernel<Storage, false><<<grid, kThreads, 0, stream>>>(args);
   }
 }
 
@@ -191,24 +216,45 @@ void check(cudaError_t status, const char* what) {
 
 }  // namespace
 
-void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_handle) {
-  if (a.batch == 0 || a.dim == 0) return;
-  if (a.batch > 65535) throw std::invalid_argument("hsvfast: at most 65535 sequences per batch on CUDA");
+void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count, int device,
+                           std::uintptr_t stream_handle) {
+  if (common.batch == 0 || count == 0) return;
+  if (common.batch > 65535) throw std::invalid_argument("hsvfast: at most 65535 sequences per batch on CUDA");
   // Launch on the activations' device, then give the caller back the device it had.
   int previous = 0;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (a.dtype) {
-    case DType::kFloat32: launch<float>(a, stream); break;
-    case DType::kFloat64: launch<double>(a, stream); break;
-    case DType::kFloat16: launch<Half>(a, stream); break;
-    case DType::kBFloat16: launch<BFloat16>(a, stream); break;
-    default: throw std::invalid_argument("hsvfast: unsupported activation dtype code");
+  LayersLaunch args;
+  args.common = common;
+  cudaError_t launched = cudaSuccess;
+  for (int64_t first = 0; first < count && launched == cudaSuccess; first += kMaxLaunchLayers) {
+    const int64_t n = std::min<int64_t>(kMaxLaunchLayers, count - first);
+    for (int64_t i = 0; i < n; ++i) args.layer[i] = layers[first + i];
+    switch (common.dtype) {
+      case DType::kFloat32: launch<float>(args, n, stream); break;
+      case DType::kFloat64: launch<double>(args, n, stream); break;
+      case DType::kFloat16: launch<Half>(args, n, stream); break;
+      case DType::kBFloat16: launch<BFloat16>(args, n, stream); break;
+      default:
+        if (previous != device) cudaSetDevice(previous);
+        throw std::invalid_argument("hsvfast: unsupported activation dtype code");
+    }
+    launched = cudaGetLastError();
   }
-  const cudaError_t launched = cudaGetLastError();
   if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
   check(launched, "pool_fold_kernel launch");
+}
+
+void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_handle) {
+  if (a.dim == 0) return;
+  LayerPointers layer;
+  layer.act = a.act;
+  layer.dim = a.dim;
+  layer.stride_b = a.stride_b; layer.stride_t = a.stride_t; layer.stride_d = a.stride_d;
+  layer.shift = a.shift; layer.out = a.out; layer.sums = a.sums; layer.sqnorms = a.sqnorms;
+  layer.nonfinite = a.nonfinite;
+  pool_fold_layers_cuda(a, &layer, 1, device, stream_handle);
 }
 
 }  // namespace hsvfast

@@ -6,7 +6,7 @@ the current CUDA stream: no libtorch at build time, no copy of the activations.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -112,6 +112,66 @@ def pool_fold(
         _C.pool_fold_cuda(*args, index, _current_stream(index))
     else:
         raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
+
+
+def pool_fold_layers(
+    acts: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    outs: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    out_rows: Optional[torch.Tensor],
+    shifts: Sequence[torch.Tensor],
+    sums: Sequence[torch.Tensor],
+    sqnorms: Sequence[torch.Tensor],
+    nonfinites: Sequence[torch.Tensor],
+    batch_index: int = 0,
+    use: Optional[str] = None,
+) -> None:
+    """:func:`pool_fold` of several layers of one batch: layer ``i`` is ``acts[i]`` (B, T, d_i) into
+    ``outs[i]``, ``shifts[i]``, ``sums[i]``, ``sqnorms[i]`` and ``nonfinites[i]``; the weights, labels
+    and output rows (None: row b to row b) are shared. On CUDA one kernel launch pools them all.
+
+    The accumulators are not checked (callers made them: :class:`~hsvfast.statistics.Statistics`);
+    the activations must share the dtype, batch size and token count, and lie on one device.
+    """
+    if not acts:
+        return
+    first = acts[0]
+    which = use if use is not None else _backend_for(first.is_cpu, first.is_cuda)
+    if first.dim() != 3:
+        raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(first.shape)}")
+    batch, tokens, _ = first.shape
+    dtype, device = first.dtype, first.get_device()
+    flat = []  # 10 entries per layer: see layer_pointers in csrc/bindings.cpp
+    for i, act in enumerate(acts):  # runs once per layer and batch: plain attribute reads only
+        shape = act.shape
+        if len(shape) != 3 or shape[0] != batch or shape[1] != tokens or act.dtype is not dtype \
+                or act.get_device() != device:
+            raise ValueError(
+                "pool_fold_layers: every layer's activations must be (batch, tokens, hidden) with the same batch, "
+                f"tokens, dtype and device; got {tuple(first.shape)} {first.dtype} {first.device} and "
+                f"{tuple(act.shape)} {act.dtype} {act.device}"
+            )
+        if which != "torch":
+            flat += (act.data_ptr(), shape[2], *act.stride(), shifts[i].data_ptr(), outs[i].data_ptr(),
+                     sums[i].data_ptr(), sqnorms[i].data_ptr(), nonfinites[i].data_ptr())
+    if which == "torch" or len(acts) == 1:
+        for i, act in enumerate(acts):
+            pool_fold(act, weights, outs[i], labels=labels, out_rows=out_rows, shift=shifts[i], sums=sums[i],
+                      sqnorms=sqnorms[i], nonfinite=nonfinites[i], batch_index=batch_index, use=which,
+                      validate=False)
+        return
+    dtype_code = _DTYPE_CODES.get(dtype)
+    if dtype_code is None:
+        raise TypeError(f"activations of dtype {dtype} are not supported; use float32, float16 or bfloat16")
+    if which == "cpp":
+        device, stream = -1, 0
+    elif which == "cuda":
+        stream = _current_stream(device)
+    else:
+        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
+    _C.pool_fold_layers(dtype_code, batch, tokens, weights.data_ptr(), labels.data_ptr(),
+                        0 if out_rows is None else out_rows.data_ptr(), batch_index, flat, device, stream)
 
 
 def _current_stream(index: int) -> int:

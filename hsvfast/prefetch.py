@@ -10,7 +10,7 @@ kernel queued before it, once per batch).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from .statistics import normalise_labels
 
 #: Batch entries read as labels, in this order.
 LABEL_KEYS = ("labels", "label")
+#: Label tensors handed to the statistics as an int64 array (no Python list per batch).
+_INTEGER_LABELS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 T = TypeVar("T")
 
 
@@ -40,11 +42,17 @@ class PreparedBatch:
         self._poolable, mask_arrived = _start_copy(self.weights.sum(1) > 0)
         self._arrivals = [event for event in (labels_arrived, mask_arrived) if event is not None]
 
-    def labels_and_poolable(self) -> Tuple[List[Any], np.ndarray]:
-        """The batch's labels as plain Python values and the (B,) mask of rows with a token to pool."""
+    def labels_and_poolable(self) -> Tuple[Any, np.ndarray]:
+        """The batch's labels — an int64 array for an integer label tensor, else a list of plain Python
+        values — and the (B,) mask of rows with a token to pool."""
         for event in self._arrivals:
             event.synchronize()  # recorded a batch ago: long done
-        return normalise_labels(self._labels), self._poolable.numpy().astype(bool, copy=False)
+        labels = self._labels
+        if isinstance(labels, torch.Tensor) and labels.dtype in _INTEGER_LABELS:
+            labels = labels.reshape(-1).numpy().astype(np.int64, copy=False)
+        else:
+            labels = normalise_labels(labels)
+        return labels, self._poolable.numpy().astype(bool, copy=False)
 
 
 def batch_labels(batch: Mapping[str, Any], index: int) -> Any:

@@ -102,8 +102,7 @@ class BatchPlan:
 
     index: int
     class_ids: np.ndarray                 # (B,) dense class id per row, -1 = skipped
-    out_rows: np.ndarray                  # (B,) output row per row: rows grouped by class
-    segments: List[tuple]                 # (class id, start, stop) over output rows
+    out_rows: Optional[np.ndarray]        # (B,) staging row per row (per-class mode); None: input order
     new_classes: List[tuple]              # (class id, row) for classes first seen here
     batch_counts: np.ndarray              # (num_classes,) rows per class in this batch
     device_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -153,8 +152,11 @@ class Statistics:
         self._stage_rows = 0                       # R: staged rows per class (per-class mode)
         self._largest_class_batch = 0
         self._table: Optional[np.ndarray] = None  # class id by integer label (see _label_table)
-        # Pooled rows outside per-class mode (see _scratch_rows): the current (rows, d) view and its storage.
-        self._scratch: Optional[torch.Tensor] = None
+        self._inverse_counts = np.zeros(0)         # 1/N_c by class id (balanced mode; see plan_batch)
+        # Pooled rows outside per-class mode (see _scratch_rows): the current (rows, d) views, what they
+        # were cut for, and their storage.
+        self._scratch: List[torch.Tensor] = []
+        self._scratch_key: Optional[tuple] = None
         self._scratch_flat: Optional[torch.Tensor] = None
         self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
         self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
@@ -185,55 +187,61 @@ class Statistics:
         return int(self.counts.sum())
 
     def plan_batch(self, labels: Sequence[Hashable], poolable: np.ndarray) -> BatchPlan:
-        """Map a batch's labels to dense class ids, group rows by class, register new classes.
+        """Map a batch's labels to dense class ids, register new classes and, in per-class mode,
+        place each row in its class's staging buffer.
 
         ``poolable[b]`` is False for a sequence with no token to pool; it is skipped.
         """
+        # Runs once per batch, on the host path of the pass: numpy on small arrays, no Python loop per row.
         class_ids, new_classes = self._class_ids(labels, poolable)
         if new_classes:
             self._make_room()
-        # Rows grouped by class, in input order within a class; skipped rows (-1) last.
-        order = np.argsort(np.where(class_ids < 0, self.num_classes, class_ids), kind="stable")
-        batch_counts = np.bincount(class_ids[class_ids >= 0], minlength=self.num_classes)
-        present = np.flatnonzero(batch_counts)
-        ends = np.cumsum(batch_counts[present])
-        starts = ends - batch_counts[present]
-        segments = list(zip(present.tolist(), starts.tolist(), ends.tolist()))
-        if self.mode == "per_class":
-            out_rows = self._stage_batch(order, class_ids, batch_counts, present, starts)
-        else:
-            out_rows = np.empty_like(order)
-            out_rows[order] = np.arange(len(order))
-        plan = BatchPlan(self.num_batches, class_ids, out_rows, segments, new_classes, batch_counts)
-        # The index vectors (and, balanced, each output row's 1/N_c) go over in one host-to-device copy,
-        # from pinned memory on a GPU: a copy from pageable memory may wait for the device (CUDA's
-        # documented behaviour), which would stall the pass once per batch.
-        n = len(labels)
-        host = torch.empty(3 * n if self.mode == "balanced" else 2 * n, dtype=torch.int64,
+        valid = class_ids >= 0
+        batch_counts = np.bincount(class_ids[valid], minlength=self.num_classes)
+        # What the kernel needs on the device goes over in one host-to-device copy, from pinned memory
+        # on a GPU (a copy from pageable memory may wait for the device, CUDA's documented behaviour,
+        # which would stall the pass once per batch): the class ids, then in per-class mode each row's
+        # staging row, in balanced mode each row's 1/N_c (0 for a skipped row). Elsewhere rows are
+        # written in input order (out_rows None).
+        n = len(class_ids)
+        host = torch.empty(n if self.mode == "trace" else 2 * n, dtype=torch.int64,
                            pin_memory=self.device.type == "cuda")
         packed = host.numpy()
-        packed[:n], packed[n : 2 * n] = class_ids, out_rows
-        if self.mode == "balanced":
-            # Output rows are grouped by class (skipped rows last, weight 0).
-            inverse_counts = 1.0 / np.array([self.class_counts[label] for label in self.labels], dtype=np.float64)
-            scale = packed[2 * n :].view(np.float64)
+        packed[:n] = class_ids
+        out_rows = None
+        if self.mode == "per_class":
+            # Rows grouped by class, in input order within a class; skipped rows (-1) last.
+            order = np.argsort(np.where(valid, class_ids, self.num_classes), kind="stable")
+            present = np.flatnonzero(batch_counts)
+            starts = np.cumsum(batch_counts[present]) - batch_counts[present]
+            out_rows = packed[n:] = self._stage_batch(order, class_ids, batch_counts, present, starts)
+        elif self.mode == "balanced":
+            if len(self._inverse_counts) != self.num_classes:  # classes were registered (here, by a merge or a load)
+                self._inverse_counts = 1.0 / np.array([self.class_counts[label] for label in self.labels], np.float64)
+            scale = packed[n:].view(np.float64)
             scale[:] = 0.0
-            scale[: int(batch_counts.sum())] = np.repeat(inverse_counts[present], batch_counts[present])
+            scale[valid] = self._inverse_counts[class_ids[valid]]
+        plan = BatchPlan(self.num_batches, class_ids, out_rows, new_classes, batch_counts)
         indices = host.to(self.device, non_blocking=True)
         tensors = plan.device_tensors
-        tensors["class_ids"], tensors["out_rows"] = indices[:n], indices[n : 2 * n]
-        if self.mode == "balanced":
-            tensors["row_scale"] = indices[2 * n :].view(torch.float64)
+        tensors["class_ids"], tensors["out_rows"] = indices[:n], None
+        if self.mode == "per_class":
+            tensors["out_rows"] = indices[n:]
+        elif self.mode == "balanced":
+            tensors["row_scale"] = indices[n:].view(torch.float64)
         return plan
 
     def _class_ids(self, labels: Sequence[Hashable], poolable: np.ndarray):
         """Dense class id per row (-1 = skipped) and the (class id, row) of classes first seen here."""
-        array = np.asarray(labels)
-        if array.dtype.kind not in "iu" or array.ndim != 1 or not len(array) or bool in set(map(type, labels)):
-            return self._class_ids_by_row(labels, poolable)  # strings, bools, mixed types
+        # An integer array (from a label tensor) is taken as is; a list is checked for bools, which
+        # numpy would turn into 0/1 but are labels of their own.
+        array = labels if isinstance(labels, np.ndarray) else np.asarray(labels)
+        if (array.dtype.kind not in "iu" or array.ndim != 1 or not len(array)
+                or (array is not labels and bool in set(map(type, labels)))):
+            return self._class_ids_by_row(_as_list(labels), poolable)  # strings, bools, mixed types
         smallest, largest = int(array.min()), int(array.max())
         if smallest < 0 or largest >= _MAX_LOOKUP_LABEL:
-            return self._class_ids_by_row(labels, poolable)
+            return self._class_ids_by_row(_as_list(labels), poolable)
         # Class indices 0..K (the usual case): a lookup table instead of one dict lookup per row.
         table = self._label_table(largest)
         class_ids = np.where(poolable, table[array], -1)
@@ -393,23 +401,42 @@ class Statistics:
 
         ``weights`` is the (B, T) float32 token-weight matrix on ``act``'s device.
         """
-        m = self.moments[position]
-        if m is None or act.shape[-1] != m.hidden_size:
-            m = self._first_fold(position, act)
-        for cid, row in plan.new_classes:
-            _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
-        # Runs once per layer and batch: keep the host's work here to a minimum (benchmarks/host_overhead.py).
+        self.fold_layers([position], [act], weights, plan)
+
+    def fold_layers(self, positions: Sequence[int], acts: Sequence[torch.Tensor], weights: torch.Tensor,
+                    plan: BatchPlan) -> None:
+        """:meth:`fold` of several layers of one batch at once: on a GPU, one kernel launch.
+
+        The activations must share dtype and device (else they are folded one layer at a time).
+        """
+        # Runs once per batch (or per layer): keep the host's work here to a minimum (benchmarks/host_overhead.py).
+        dtype, device = acts[0].dtype, acts[0].get_device()
+        if len(acts) > 1 and any(a.dtype is not dtype or a.get_device() != device for a in acts):
+            for position, act in zip(positions, acts):
+                self.fold_layers([position], [act], weights, plan)
+            return
+        layers = []
+        for position, act in zip(positions, acts):
+            m = self.moments[position]
+            if m is None or act.shape[-1] != m.hidden_size:
+                m = self._first_fold(position, act)
+            for cid, row in plan.new_classes:
+                _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
+            layers.append(m)
         tensors = plan.device_tensors
-        if self.mode == "per_class":  # rows go to the staging buffer; flushes make the Gram updates
-            x = self._staging_buffer(m)
+        if self.mode == "per_class":  # rows go to the staging buffers; flushes make the Gram updates
+            outs = [self._staging_buffer(m) for m in layers]
         else:
-            x = self._scratch_rows(act.shape[0], m.hidden_size, act.device)
-        _kernels.pool_fold(
-            act, weights, x, labels=tensors["class_ids"], out_rows=tensors["out_rows"], shift=m.shift,
-            sums=m.sums, sqnorms=m.sqnorms, nonfinite=m.nonfinite, batch_index=plan.index, validate=False,
+            outs = self._scratch_rows(acts[0].shape[0], [m.hidden_size for m in layers], acts[0].device)
+        _kernels.pool_fold_layers(
+            acts, weights, outs, tensors["class_ids"], tensors["out_rows"], [m.shift for m in layers],
+            [m.sums for m in layers], [m.sqnorms for m in layers], [m.nonfinite for m in layers],
+            batch_index=plan.index,
         )
         if self.mode == "balanced":
-            m.second.addmm_((x * tensors["row_scale"].unsqueeze(1)).T, x)
+            scale = tensors["row_scale"].unsqueeze(1)
+            for m, x in zip(layers, outs):
+                m.second.addmm_((x * scale).T, x)
 
     def _first_fold(self, position: int, act: torch.Tensor) -> LayerMoments:
         """The accumulators of a layer seen for the first time (or an error if its width changed)."""
@@ -424,19 +451,23 @@ class Statistics:
         m = self.moments[position] = LayerMoments.empty(act.shape[-1], self.capacity, self.mode, act.device)
         return m
 
-    def _scratch_rows(self, rows: int, dim: int, device: torch.device) -> torch.Tensor:
-        """A (rows, d) float64 buffer for the pooled rows, shared by all layers.
+    def _scratch_rows(self, rows: int, dims: Sequence[int], device: torch.device) -> List[torch.Tensor]:
+        """(rows, d_i) float64 buffers for the pooled rows of the layers folded together (outside
+        per-class mode), cut from one allocation kept across batches.
 
-        Reusing it is safe: every use is in stream order on the same device (the kernel writes
-        it, the balanced-mode GEMM reads it, the next layer's kernel overwrites it).
+        Reusing them is safe: every use is in stream order on the same device (the kernel writes
+        them, the balanced-mode GEMMs read them, the next batch's kernel overwrites them).
         """
-        view = self._scratch
-        if view is None or view.shape != (rows, dim) or view.device != device:
+        key = (rows, tuple(dims), device)
+        if self._scratch_key != key:
+            needed = rows * sum(dims)
             flat = self._scratch_flat
-            if flat is None or flat.numel() < rows * dim or flat.device != device:
-                flat = self._scratch_flat = torch.empty(rows * dim, dtype=torch.float64, device=device)
-            view = self._scratch = flat[: rows * dim].view(rows, dim)
-        return view
+            if flat is None or flat.numel() < needed or flat.device != device:
+                flat = self._scratch_flat = torch.empty(needed, dtype=torch.float64, device=device)
+            offsets = np.concatenate([[0], np.cumsum([rows * d for d in dims])]).tolist()
+            self._scratch = [flat[offsets[i] : offsets[i + 1]].view(rows, d) for i, d in enumerate(dims)]
+            self._scratch_key = key
+        return self._scratch
 
     def check_finite(self, position: Optional[int] = None) -> None:
         """Raise ValueError naming the layer and batch if a pooled value was NaN or Inf."""
@@ -688,6 +719,11 @@ _FLOAT_LABELS = (
     "labels have dtype {dtype}: hsvfast needs discrete class labels (ints or strings). "
     "Regression targets (e.g. STS-B scores) have no classes to compare; bin them or use a classification task."
 )
+
+
+def _as_list(labels: Any) -> List[Hashable]:
+    """Labels as plain Python values (an array's items become ints, bools, strings …)."""
+    return labels.tolist() if isinstance(labels, np.ndarray) else labels
 
 
 def _normalise_label(label: Hashable) -> Hashable:

@@ -8,7 +8,7 @@ import torch
 
 import hsvfast
 from conftest import REPO, requires_cuda
-from tiny_models import random_batches, tiny_model
+from tiny_models import DECODERS, ENCODERS, random_batches, tiny_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from end_to_end import seconds  # noqa: E402
@@ -55,6 +55,34 @@ def test_cuda_compiled_and_torch_backends_agree(monkeypatch):
     assert compiled.backend == "cuda" and fallback.backend == "torch"
     for name in compiled.metrics:
         np.testing.assert_allclose(compiled.metrics[name], fallback.metrics[name], rtol=1e-9)
+
+
+def _assert_same_statistics(a, b, rtol=1e-12):
+    a.flush()
+    b.flush()
+    assert a.labels == b.labels and np.array_equal(a.counts, b.counts)
+    for mine, theirs in zip(a.moments, b.moments):
+        for name in ("shift", "sums", "sqnorms", "second"):
+            x, y = getattr(mine, name), getattr(theirs, name)
+            assert (x is None) == (y is None), name
+            if x is not None:  # float64 atomics add in any order: equal up to rounding
+                torch.testing.assert_close(x.cpu(), y.cpu(), rtol=rtol, atol=1e-12 * float(y.abs().max() + 1))
+
+
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+def test_block_outputs_held_per_batch_match_a_launch_per_layer(kind, monkeypatch):
+    """score() on a GPU folds a batch's block outputs with one launch (scoring._HOLD_BYTES): the same
+    statistics as a launch per layer, whole or in groups, for every architecture."""
+    from hsvfast import scoring
+
+    model = tiny_model(kind).cuda()
+    batches = random_batches()
+    monkeypatch.setattr(scoring, "_HOLD_BYTES", {})
+    per_layer = hsvfast.score(model, batches).stats
+    one_layer = batches[0]["input_ids"].numel() * model.config.hidden_size * 4
+    for budget in (one_layer + 1, 1 << 30):  # groups of two layers, then all layers at once
+        monkeypatch.setattr(scoring, "_HOLD_BYTES", {"cuda": budget})
+        _assert_same_statistics(hsvfast.score(model, batches).stats, per_layer)
 
 
 class _SyncFreeModel(torch.nn.Module):
@@ -169,3 +197,12 @@ def test_the_device_never_waits_for_the_host_between_batches(mode, resident):
         f"near the {num_batches} × {host_seconds * 1e3:.0f} ms the forward spends on the host before its device "
         "work, so that host time did not overlap with the device's (something waits for the device once per batch)"
     )
+
+
+def test_more_layers_than_one_launch_takes():
+    """50 blocks: one batch's outputs go out in two launches (48 layers each at most); float64 on both devices."""
+    model = _SyncFreeModel(depth=50).double()
+    batches, _, _ = _sync_test_batches(resident=False, num_batches=3)
+    on_cpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all")
+    on_gpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", device="cuda")
+    _assert_same_statistics(on_gpu.stats, on_cpu.stats, rtol=1e-9)

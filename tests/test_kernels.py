@@ -115,6 +115,80 @@ def test_pooling_without_statistics(device):
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-9)
 
 
+def _layer_stack(device, dtype, count, batch=9, tokens=13, seed=1):
+    """``count`` layers of one batch: different widths (fast and generic CUDA paths side by side),
+    contiguous, sliced, transposed and misaligned activations, each with its own accumulators."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(count):
+        dim = (389, 256, 131, 264, 8)[i % 5]
+        full = (torch.randn(batch, tokens, dim + 9, generator=g) * (i + 1) + 40 * i).to(device=device, dtype=dtype)
+        layout = i % 4
+        if layout == 0:
+            act = full[:, :, :dim].contiguous()
+        elif layout == 1:
+            act = full[:, :, 8 : dim + 8]  # 16-byte aligned view
+        elif layout == 2:
+            act = full[:, :, :dim].transpose(1, 2).contiguous().transpose(1, 2)
+        else:
+            act = full[:, :, 1 : dim + 1]  # misaligned view
+        classes = 3
+        layers.append(dict(
+            act=act,
+            out=torch.full((batch + 1, dim), float("nan"), dtype=torch.float64, device=device),
+            shift=(torch.randn(classes, dim, generator=g, dtype=torch.float64) + 40 * i).to(device),
+            sums=torch.ones(classes, dim, dtype=torch.float64, device=device),
+            sqnorms=torch.full((classes,), 2.0, dtype=torch.float64, device=device),
+            nonfinite=torch.full((1,), _kernels.NO_BAD_BATCH, dtype=torch.int64, device=device),
+        ))
+    weights = (torch.rand(batch, tokens, generator=g) > 0.4).float()
+    weights[:, 0] = 1.0
+    weights[1] *= torch.rand(tokens, generator=g) + 0.1
+    labels = torch.randint(0, 3, (batch,), generator=g)
+    labels[2] = -1
+    out_rows = torch.randperm(batch + 1, generator=g)[:batch]
+    return layers, weights.to(device), labels.to(device), out_rows.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("count", [2, 7, 50])  # 50: more layers than one CUDA launch takes (48)
+def test_several_layers_in_one_call_match_the_reference_layer_by_layer(device, dtype, count):
+    use = compiled_backend(device)
+    expected, weights, labels, out_rows = _layer_stack(device, dtype, count)
+    actual = [{k: v.clone() for k, v in layer.items()} for layer in expected]
+    actual[count - 1]["act"] = actual[count - 1]["act"].clone()
+    actual[count - 1]["act"][0, 0, 3] = float("nan")  # a real token of the last layer
+    expected[count - 1]["act"] = actual[count - 1]["act"]
+    for layer in expected:
+        _kernels.pool_fold(layer["act"], weights, layer["out"], labels=labels, out_rows=out_rows,
+                           shift=layer["shift"], sums=layer["sums"], sqnorms=layer["sqnorms"],
+                           nonfinite=layer["nonfinite"], batch_index=4, use="torch")
+    _kernels.pool_fold_layers([a["act"] for a in actual], weights, [a["out"] for a in actual], labels, out_rows,
+                              [a["shift"] for a in actual], [a["sums"] for a in actual],
+                              [a["sqnorms"] for a in actual], [a["nonfinite"] for a in actual], batch_index=4, use=use)
+    unused_row = sorted(set(range(len(out_rows) + 1)) - set(out_rows.tolist()))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        bad = i == count - 1  # its sums hold the NaN
+        torch.testing.assert_close(a["out"], e["out"], rtol=1e-12, atol=1e-9, equal_nan=True,
+                                   msg=lambda m: f"layer {i}: {m}")
+        assert torch.all(a["out"][out_rows[2]] == 0)  # the skipped row
+        assert torch.isnan(a["out"][unused_row]).all()  # rows no input maps to are left alone
+        if not bad:
+            torch.testing.assert_close(a["sums"], e["sums"], rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(a["sqnorms"], e["sqnorms"], rtol=1e-12, atol=1e-9)
+        assert int(a["nonfinite"].item()) == (4 if bad else _kernels.NO_BAD_BATCH)
+
+
+def test_several_layers_must_share_batch_and_tokens():
+    layers, weights, labels, out_rows = _layer_stack("cpu", torch.float32, 2)
+    layers[1]["act"] = layers[1]["act"][:, :5]
+    with pytest.raises(ValueError, match="same batch, tokens"):
+        _kernels.pool_fold_layers([a["act"] for a in layers], weights, [a["out"] for a in layers], labels, out_rows,
+                                  [a["shift"] for a in layers], [a["sums"] for a in layers],
+                                  [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers])
+
+
 def test_reference_pools_by_hand():
     """The PyTorch reference itself against an explicit loop."""
     act, case = make_case("cpu", torch.float64, batch=4, tokens=5, dim=6)

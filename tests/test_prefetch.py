@@ -40,6 +40,9 @@ def test_host_batches_give_their_labels_and_poolable_rows(labels):
              "attention_mask": torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]), "labels": labels}
     prepared = PreparedBatch(5, batch, "mean_all", None)
     got, poolable = prepared.labels_and_poolable()
+    if isinstance(labels, torch.Tensor):  # handed over as an int64 array: no Python list per batch
+        assert isinstance(got, np.ndarray) and got.dtype == np.int64
+        got = got.tolist()
     assert got == list(np.asarray(labels).tolist()) and all(type(a) is type(b) for a, b in zip(got, np.asarray(labels).tolist()))
     assert poolable.dtype == bool and poolable.tolist() == [True, False, True]
     assert prepared.index == 5 and prepared.weights.shape == (3, 4)

@@ -139,6 +139,40 @@ def test_tiny_models_every_layer_matches_reference(kind, kernel_backend):
         torch.testing.assert_close(states[DEPTH], captured[DEPTH - 1][0])
 
 
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+@pytest.mark.parametrize("metrics", [None, ["trace_ratio"], "balanced"])
+def test_block_outputs_held_until_the_forward_stops_give_the_same_statistics(kind, metrics, monkeypatch):
+    """On a GPU the block outputs of a batch are held and folded with one launch (scoring._HOLD_BYTES).
+    Forced on the CPU here: every architecture must give the statistics of folding each block at once
+    (none writes into a block's output after returning it)."""
+    from hsvfast import scoring, statistics
+
+    model = tiny_model(kind)
+    batches = random_batches()
+    kwargs = {"layers": [0, 2, 3]}
+    if metrics == "balanced":
+        kwargs["class_counts"] = dict(zip(*np.unique(all_labels(batches), return_counts=True)))
+    elif metrics is not None:
+        kwargs["metrics"] = metrics
+    at_once = hsvfast.score(model, batches, **kwargs).stats
+    groups = []
+    fold_layers = statistics.Statistics.fold_layers
+    monkeypatch.setattr(statistics.Statistics, "fold_layers",
+                        lambda self, positions, *a: (groups.append(list(positions)), fold_layers(self, positions, *a)))
+    one_layer = batches[0]["input_ids"].numel() * model.config.hidden_size * 4  # float32 outputs of batch 0
+    for budget, expected in ((1 << 30, [[0, 1, 2]]), (one_layer + 1, [[0, 1], [2]])):
+        groups.clear()
+        monkeypatch.setattr(scoring, "_HOLD_BYTES", {"cpu": budget})
+        held = hsvfast.score(model, batches, **kwargs).stats
+        assert groups[: len(expected)] == expected  # batch 0 was folded in these groups
+        held.flush()
+        at_once.flush()
+        for mine, theirs in zip(held.moments, at_once.moments):
+            for name in ("shift", "sums", "sqnorms", "second"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                assert (a is None and b is None) or torch.equal(a, b), (name, budget)
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_forward_stops_after_deepest_layer_and_cleans_up(kind):
     model = tiny_model(kind).train()
