@@ -67,9 +67,13 @@ class LayerMoments:
     staged: Optional[torch.Tensor] = None  # (capacity·R + 1, d) rows awaiting the Gram update (per-class mode)
 
     @classmethod
-    def empty(cls, hidden_size: int, capacity: int, mode: str, device: torch.device) -> "LayerMoments":
+    def empty(cls, hidden_size: int, capacity: int, mode: str, device: torch.device,
+              second: Optional[torch.Tensor] = None) -> "LayerMoments":
+        """Zeroed accumulators; ``second``: zeroed per-class second moments to use (a slot of a :class:`LayerStack`)."""
         f64 = dict(dtype=torch.float64, device=device)
-        if mode == "per_class":
+        if second is not None:
+            pass
+        elif mode == "per_class":
             second = torch.zeros(capacity, hidden_size, hidden_size, **f64)
         elif mode == "balanced":
             second = torch.zeros(hidden_size, hidden_size, **f64)
@@ -84,16 +88,52 @@ class LayerMoments:
             nonfinite=torch.full((1,), _kernels.NO_BAD_BATCH, dtype=torch.int64, device=device),
         )
 
-    def grow(self, capacity: int, mode: str) -> None:
-        """Make room for ``capacity`` classes, keeping what was accumulated."""
-        def padded(t: torch.Tensor) -> torch.Tensor:
-            bigger = t.new_zeros((capacity,) + tuple(t.shape[1:]))
-            bigger[: t.shape[0]] = t
-            return bigger
+    def grow(self, capacity: int, mode: str, second: bool = True) -> None:
+        """Make room for ``capacity`` classes, keeping what was accumulated (``second=False``: the
+        second moments are grown elsewhere, by their :class:`LayerStack`)."""
+        self.shift, self.sums, self.sqnorms = _padded(self.shift, capacity), _padded(self.sums, capacity), \
+            _padded(self.sqnorms, capacity)
+        if mode == "per_class" and second:
+            self.second = _padded(self.second, capacity)
 
-        self.shift, self.sums, self.sqnorms = padded(self.shift), padded(self.sums), padded(self.sqnorms)
-        if mode == "per_class":
-            self.second = padded(self.second)
+
+def _padded(t: torch.Tensor, capacity: int, dim: int = 0) -> torch.Tensor:
+    """``t`` with ``capacity`` entries along ``dim``, zeros after the old ones."""
+    shape = list(t.shape)
+    shape[dim] = capacity
+    bigger = t.new_zeros(shape)
+    bigger.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return bigger
+
+
+class LayerStack:
+    """The per-class second moments and staging buffers of all layers of one hidden size, each kept in
+    one tensor (per-class mode), so that a flush folds a class's staged rows into every layer with one
+    batched GEMM instead of one GEMM per layer: on a GPU pass bound by the host, launches are the cost.
+
+    Layer ``p``'s :class:`LayerMoments` hold views (``second_views[p]``, ``staged_views[p]``) into
+    the stack; the stack is used only while every layer still holds exactly those views (see
+    :meth:`Statistics._intact_stack`), else each layer is updated on its own.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, capacity: int, device: torch.device) -> None:
+        self.hidden_size, self.device = hidden_size, device
+        self.second = torch.zeros(num_layers, capacity, hidden_size, hidden_size, dtype=torch.float64, device=device)
+        self.second_views = list(self.second.unbind(0))
+        self.staged: Optional[torch.Tensor] = None
+        self.staged_views: List[torch.Tensor] = []
+
+    def grow(self, capacity: int) -> None:
+        self.second = _padded(self.second, capacity, dim=1)
+        self.second_views = list(self.second.unbind(0))
+
+    def staging(self, rows: int) -> List[torch.Tensor]:
+        """(rows, d) staging buffers of every layer (reallocated only with nothing staged)."""
+        if self.staged is None or self.staged.shape[1] != rows:
+            self.staged = torch.empty(self.second.shape[0], rows, self.hidden_size, dtype=torch.float64,
+                                      device=self.device)
+            self.staged_views = list(self.staged.unbind(0))
+        return self.staged_views
 
 
 @dataclass
@@ -153,6 +193,7 @@ class Statistics:
         self._largest_class_batch = 0
         self._table: Optional[np.ndarray] = None  # class id by integer label (see _label_table)
         self._inverse_counts = np.zeros(0)         # 1/N_c by class id (balanced mode; see plan_batch)
+        self._stack: Optional[LayerStack] = None   # per-class mode: all layers' second moments in one tensor
         # Pooled rows outside per-class mode (see _scratch_rows): the current (rows, d) views, what they
         # were cut for, and their storage.
         self._scratch: List[torch.Tensor] = []
@@ -335,20 +376,47 @@ class Statistics:
 
     def _flush_classes(self, classes: Sequence[int]) -> None:
         rows = self._stage_rows
+        stack = self._intact_stack()
         with torch.inference_mode():  # the moments may be inference tensors (made inside score)
-            for m in self.moments:
-                if m is None or m.staged is None:
+            for cid in classes:
+                span = slice(cid * rows, cid * rows + int(self._staged[cid]))
+                if stack is not None:  # every layer at once: one batched GEMM per class
+                    block = stack.staged[:, span]
+                    stack.second[:, cid].baddbmm_(block.transpose(1, 2), block)
                     continue
-                for cid in classes:
-                    block = m.staged[cid * rows : cid * rows + int(self._staged[cid])]
-                    m.second[cid].addmm_(block.T, block)
+                for m in self.moments:
+                    if m is not None and m.staged is not None:
+                        block = m.staged[span]
+                        m.second[cid].addmm_(block.T, block)
         self._staged[list(classes)] = 0
 
-    def _staging_buffer(self, m: "LayerMoments") -> torch.Tensor:
+    def _intact_stack(self) -> Optional[LayerStack]:
+        """The layer stack, if every layer's second moments and staging buffer are still its views
+        (a merge, a load or an all-reduce may have given layers tensors of their own)."""
+        stack = self._stack
+        if stack is None or len(stack.staged_views) != len(self.moments):
+            return None
+        for m, second, staged in zip(self.moments, stack.second_views, stack.staged_views):
+            if m is not None and m.second is not second:  # replaced for good: free the stack
+                self._stack = None
+                return None
+            if m is None or m.staged is not staged:  # a layer not folded yet (or of another width)
+                return None
+        return stack
+
+    def _staging_buffers(self, positions: Sequence[int], layers: Sequence[LayerMoments]) -> List[torch.Tensor]:
+        """Each layer's (capacity·R + 1, d) staging buffer (only ever resized with nothing staged)."""
         needed = self.capacity * self._stage_rows + 1
-        if m.staged is None or m.staged.shape[0] != needed:  # only ever resized with nothing staged
-            m.staged = torch.empty(needed, m.hidden_size, dtype=torch.float64, device=m.shift.device)
-        return m.staged
+        stack = self._stack
+        views = stack.staging(needed) if stack is not None else None
+        buffers = []
+        for position, m in zip(positions, layers):
+            if views is not None and m.second is stack.second_views[position]:
+                m.staged = views[position]
+            elif m.staged is None or m.staged.shape[0] != needed:
+                m.staged = torch.empty(needed, m.hidden_size, dtype=torch.float64, device=m.shift.device)
+            buffers.append(m.staged)
+        return buffers
 
     def finish_batch(self, plan: BatchPlan) -> None:
         """Commit a batch's counts once every layer has folded it."""
@@ -374,9 +442,16 @@ class Statistics:
             # fold, might: the hidden size is not known yet).
             capacity = needed
         self._check_memory(capacity, sizes)
-        for m in self.moments:
+        stack = self._stack
+        stacked = [stack is not None and m is not None and m.second is stack.second_views[p]
+                   for p, m in enumerate(self.moments)]
+        if stack is not None:
+            stack.grow(capacity)
+        for p, m in enumerate(self.moments):
             if m is not None:
-                m.grow(capacity, self.mode)
+                m.grow(capacity, self.mode, second=not stacked[p])
+                if stacked[p]:
+                    m.second = stack.second_views[p]
         self.capacity = capacity
 
     def _memory_needed(self, capacity: int, hidden_sizes: List[int]) -> int:
@@ -425,7 +500,7 @@ class Statistics:
             layers.append(m)
         tensors = plan.device_tensors
         if self.mode == "per_class":  # rows go to the staging buffers; flushes make the Gram updates
-            outs = [self._staging_buffer(m) for m in layers]
+            outs = self._staging_buffers(positions, layers)
         else:
             outs = self._scratch_rows(acts[0].shape[0], [m.hidden_size for m in layers], acts[0].device)
         _kernels.pool_fold_layers(
@@ -448,7 +523,15 @@ class Statistics:
         sizes = [other.hidden_size for other in self.moments if other is not None]
         # Every layer is sized like this one, so the cap is checked once for the whole run.
         self._check_memory(self.capacity, [act.shape[-1]] * (len(self.layers) - len(sizes)) + sizes)
-        m = self.moments[position] = LayerMoments.empty(act.shape[-1], self.capacity, self.mode, act.device)
+        hidden = act.shape[-1]
+        second = None
+        if self.mode == "per_class":
+            if self._stack is None and not sizes:  # the first layer: a stack for all, sized like it
+                self._stack = LayerStack(len(self.layers), hidden, self.capacity, act.device)
+            stack = self._stack
+            if stack is not None and stack.hidden_size == hidden and stack.device == act.device:
+                second = stack.second_views[position].zero_()  # (zeroed: a flush may have run over the slot)
+        m = self.moments[position] = LayerMoments.empty(hidden, self.capacity, self.mode, act.device, second)
         return m
 
     def _scratch_rows(self, rows: int, dims: Sequence[int], device: torch.device) -> List[torch.Tensor]:

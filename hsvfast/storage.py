@@ -40,7 +40,8 @@ def _tensors(stats: Statistics) -> Dict[str, torch.Tensor]:
             out[prefix + "second"] = m.second[:c]
         elif stats.mode == "balanced":
             out[prefix + "second"] = m.second
-    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    # Copies: layers can be views into one tensor (statistics.LayerStack), which a file must not share.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
 
 
 def _digest(tensors: Dict[str, torch.Tensor]) -> str:

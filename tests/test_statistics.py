@@ -6,6 +6,7 @@ import torch
 from hsvfast import Statistics
 from hsvfast.statistics import per_class_bytes, stage_rows
 from hsvfast.metrics import layer_metrics
+from hsvfast.storage import load_statistics
 import reference as ref
 from conftest import DEVICES
 
@@ -125,6 +126,49 @@ def test_staged_gram_updates_survive_layout_changes_and_saves(device, tmp_path):
         assert ref.relative_error(got["variability"], ref.rank_aware_variability(features, labels)) <= 1e-9
         _, within, _ = ref.class_moments(features, labels)
         np.testing.assert_allclose(stats.class_moments(position).within_matrix().cpu().numpy(), within, rtol=1e-7,
+                                   atol=1e-9 * np.abs(within).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layers_of_one_width_get_one_batched_gram_update_per_class(device, monkeypatch, tmp_path):
+    """The per-class second moments of all layers live in one tensor (LayerStack): a flush is one
+    batched GEMM per class. Same numbers as a GEMM per layer, through class growth, a save and a merge."""
+    from hsvfast import statistics as statistics_module
+
+    tokens, labels = corpus(seed=3, n=200, classes=5)
+    order = np.argsort(-labels, kind="stable")  # classes arrive late: the capacity grows mid-pass
+    stacked = accumulate(tokens, labels, order, 7, device=device)
+    assert stacked._intact_stack() is not None
+    stacked.save(tmp_path / "stacked.safetensors")
+    monkeypatch.setattr(statistics_module.Statistics, "_intact_stack", lambda self: None)
+    per_layer = accumulate(tokens, labels, order, 7, device=device)
+    for position in range(2):
+        assert_same(summary(stacked, position), summary(per_layer, position), rtol=1e-12)
+        loaded = load_statistics(tmp_path / "stacked.safetensors")
+        assert_same(summary(loaded, position), summary(per_layer, position), rtol=1e-12)
+    monkeypatch.undo()
+    half = len(order) // 2
+    merged = accumulate(tokens, labels, order[:half], 7, device=device, complete=False)
+    merged.merge(accumulate(tokens, labels, order[half:], 7, device=device, complete=False))
+    for position in range(2):
+        assert_same(summary(merged, position), summary(per_layer, position), rtol=1e-9)
+
+
+def test_layers_of_another_width_keep_their_own_second_moments():
+    tokens, labels = corpus(seed=4, n=60, classes=3)
+    pooled = np.stack([t.mean(0) for t in tokens])
+    wider = np.concatenate([pooled, pooled[:, :2] ** 2 / 1e4], axis=1)
+    stats = Statistics([0, 1])
+    for start in range(0, len(labels), 8):
+        rows = slice(start, start + 8)
+        plan = stats.plan_batch(labels[rows].tolist(), np.ones(len(labels[rows]), bool))
+        for position, features in enumerate((pooled, wider)):
+            stats.fold(position, torch.from_numpy(features[rows]).unsqueeze(1), torch.ones(len(labels[rows]), 1), plan)
+        stats.finish_batch(plan)
+    assert stats._intact_stack() is None  # layer 1 is not in the stack: a GEMM per layer
+    for position, features in enumerate((pooled, wider)):
+        _, within, _ = ref.class_moments(features, labels)
+        np.testing.assert_allclose(stats.class_moments(position).within_matrix().numpy(), within, rtol=1e-7,
                                    atol=1e-9 * np.abs(within).max())
 
 
