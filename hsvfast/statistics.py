@@ -54,7 +54,7 @@ def per_class_bytes(num_classes: int, hidden_size: int) -> int:
     return 8 * hidden_size * (num_classes * hidden_size + staged_rows)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (fast: the staging bookkeeping looks layers up per batch)
 class LayerMoments:
     """Accumulators of one layer (see the module docstring). Rows beyond ``num_classes`` are unused."""
 
@@ -191,6 +191,7 @@ class Statistics:
         self._staged: Optional[np.ndarray] = None  # rows staged per class, shared by all layers
         self._stage_rows = 0                       # R: staged rows per class (per-class mode)
         self._largest_class_batch = 0
+        self._stage_key: Optional[tuple] = None  # (capacity, layers seen, largest class batch) R was set for
         self._table: Optional[np.ndarray] = None  # class id by integer label (see _label_table)
         self._inverse_counts = np.zeros(0)         # 1/N_c by class id (balanced mode; see plan_batch)
         self._stack: Optional[LayerStack] = None   # per-class mode: all layers' second moments in one tensor
@@ -251,11 +252,7 @@ class Statistics:
         packed[:n] = class_ids
         out_rows = None
         if self.mode == "per_class":
-            # Rows grouped by class, in input order within a class; skipped rows (-1) last.
-            order = np.argsort(np.where(valid, class_ids, self.num_classes), kind="stable")
-            present = np.flatnonzero(batch_counts)
-            starts = np.cumsum(batch_counts[present]) - batch_counts[present]
-            out_rows = packed[n:] = self._stage_batch(order, class_ids, batch_counts, present, starts)
+            out_rows = packed[n:] = self._stage_batch(class_ids, valid, batch_counts)
         elif self.mode == "balanced":
             if len(self._inverse_counts) != self.num_classes:  # classes were registered (here, by a merge or a load)
                 self._inverse_counts = 1.0 / np.array([self.class_counts[label] for label in self.labels], np.float64)
@@ -340,31 +337,34 @@ class Statistics:
         sizes = [m.hidden_size for m in self.moments if m is not None]
         return max(stage_rows(self.capacity, min(sizes) if sizes else None), self._largest_class_batch)
 
-    def _stage_batch(self, order: np.ndarray, class_ids: np.ndarray, batch_counts: np.ndarray,
-                     present: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    def _stage_batch(self, class_ids: np.ndarray, valid: np.ndarray, batch_counts: np.ndarray) -> np.ndarray:
         """Staging-buffer row of every row of the batch (per-class mode); flushes full classes first.
 
-        ``present`` are the classes in the batch and ``starts`` where their rows begin in ``order``.
+        The j-th row (in input order) of class c goes to staging row c·R + (rows of c staged before) + j;
+        skipped rows (``valid`` False) to the buffer's last row.
         """
-        if len(present):
-            self._largest_class_batch = max(self._largest_class_batch, int(batch_counts.max()))
-        target = self._stage_target()
-        if target != self._stage_rows:  # layout change (first batch, more classes, a larger batch)
-            self.flush()
-            self._stage_rows = target
+        largest = int(batch_counts.max()) if len(batch_counts) else 0
+        key = (self.capacity, len(self.moments) - self.moments.count(None), max(largest, self._largest_class_batch))
+        if key != self._stage_key:  # what the staging rows R depend on may have changed
+            self._stage_key = key
+            self._largest_class_batch = key[2]
+            target = self._stage_target()
+            if target != self._stage_rows:  # layout change (first batch, more classes, a larger batch)
+                self.flush()
+                self._stage_rows = target
         rows = self._stage_rows
-        full = present[self._staged[present] + batch_counts[present] > rows]
+        staged = self._staged[: len(batch_counts)]
+        full = np.flatnonzero((staged + batch_counts > rows) & (batch_counts > 0))
         if len(full):
             self._flush_classes(full.tolist())
-        # The j-th row of class c's segment goes to staging row c·R + (rows of c already staged) + j.
-        ids = class_ids[order]
-        valid = ids >= 0
-        segment_start = np.zeros(len(batch_counts), np.int64)
-        segment_start[present] = starts
-        placed = np.full(len(order), self.capacity * rows, dtype=np.int64)  # last row: skipped sequences
-        cid = ids[valid]
-        placed[valid] = cid * rows + self._staged[cid] + np.arange(int(valid.sum())) - segment_start[cid]
-        self._staged[: len(batch_counts)] += batch_counts
+        # Rows grouped by class, in input order within a class; skipped rows last.
+        order = np.argsort(np.where(valid, class_ids, len(batch_counts)), kind="stable")
+        taken = int(batch_counts.sum())
+        cid = class_ids[order[:taken]]
+        starts = np.cumsum(batch_counts) - batch_counts
+        placed = np.full(len(order), self.capacity * rows, dtype=np.int64)
+        placed[:taken] = cid * rows + staged[cid] + np.arange(taken) - starts[cid]
+        staged += batch_counts
         result = np.empty_like(order)
         result[order] = placed  # order[j] is the input row placed j-th
         return result
