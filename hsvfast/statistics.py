@@ -107,18 +107,21 @@ def _padded(t: torch.Tensor, capacity: int, dim: int = 0) -> torch.Tensor:
 
 
 class LayerStack:
-    """The per-class second moments and staging buffers of all layers of one hidden size, each kept in
-    one tensor (per-class mode), so that a flush folds a class's staged rows into every layer with one
-    batched GEMM instead of one GEMM per layer: on a GPU pass bound by the host, launches are the cost.
+    """The second moments (and, per-class mode, the staging buffers) of all layers of one hidden size,
+    each kept in one tensor, so that one batched GEMM updates every layer — per class at a flush in
+    per-class mode, per batch in balanced mode — instead of one GEMM per layer: on a GPU pass bound
+    by the host, launches are the cost.
 
     Layer ``p``'s :class:`LayerMoments` hold views (``second_views[p]``, ``staged_views[p]``) into
     the stack; the stack is used only while every layer still holds exactly those views (see
     :meth:`Statistics._intact_stack`), else each layer is updated on its own.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, capacity: Optional[int], device: torch.device) -> None:
+        """``capacity``: classes of per-class second moments; None for one (balanced) matrix per layer."""
         self.hidden_size, self.device = hidden_size, device
-        self.second = torch.zeros(num_layers, capacity, hidden_size, hidden_size, dtype=torch.float64, device=device)
+        shape = (num_layers,) + ((capacity,) if capacity is not None else ()) + (hidden_size, hidden_size)
+        self.second = torch.zeros(shape, dtype=torch.float64, device=device)
         self.second_views = list(self.second.unbind(0))
         self.staged: Optional[torch.Tensor] = None
         self.staged_views: List[torch.Tensor] = []
@@ -199,6 +202,7 @@ class Statistics:
         # were cut for, and their storage.
         self._scratch: List[torch.Tensor] = []
         self._scratch_key: Optional[tuple] = None
+        self._scratch_stacked: Optional[torch.Tensor] = None
         self._scratch_flat: Optional[torch.Tensor] = None
         self.capacity = max(2, len(self.class_counts) if self.class_counts else 2)
         self.moments: List[Optional[LayerMoments]] = [None] * len(self.layers)
@@ -442,7 +446,7 @@ class Statistics:
             # fold, might: the hidden size is not known yet).
             capacity = needed
         self._check_memory(capacity, sizes)
-        stack = self._stack
+        stack = self._stack if self.mode == "per_class" else None  # a balanced matrix does not grow
         stacked = [stack is not None and m is not None and m.second is stack.second_views[p]
                    for p, m in enumerate(self.moments)]
         if stack is not None:
@@ -510,8 +514,14 @@ class Statistics:
         )
         if self.mode == "balanced":
             scale = tensors["row_scale"].unsqueeze(1)
-            for m, x in zip(layers, outs):
-                m.second.addmm_((x * scale).T, x)
+            stack, stacked_rows = self._stack, self._scratch_stacked
+            if (stacked_rows is not None and stack is not None and len(layers) == len(self.moments)
+                    and all(m.second is view for m, view in zip(layers, stack.second_views))):
+                # Every layer, in order, with one batched GEMM (the rows were cut from one (L, rows, d) block).
+                stack.second.baddbmm_((stacked_rows * scale).transpose(1, 2), stacked_rows)
+            else:
+                for m, x in zip(layers, outs):
+                    m.second.addmm_((x * scale).T, x)
 
     def _first_fold(self, position: int, act: torch.Tensor) -> LayerMoments:
         """The accumulators of a layer seen for the first time (or an error if its width changed)."""
@@ -525,9 +535,10 @@ class Statistics:
         self._check_memory(self.capacity, [act.shape[-1]] * (len(self.layers) - len(sizes)) + sizes)
         hidden = act.shape[-1]
         second = None
-        if self.mode == "per_class":
+        if self.mode != "trace":
             if self._stack is None and not sizes:  # the first layer: a stack for all, sized like it
-                self._stack = LayerStack(len(self.layers), hidden, self.capacity, act.device)
+                self._stack = LayerStack(len(self.layers), hidden,
+                                         self.capacity if self.mode == "per_class" else None, act.device)
             stack = self._stack
             if stack is not None and stack.hidden_size == hidden and stack.device == act.device:
                 second = stack.second_views[position].zero_()  # (zeroed: a flush may have run over the slot)
@@ -550,6 +561,8 @@ class Statistics:
             offsets = np.concatenate([[0], np.cumsum([rows * d for d in dims])]).tolist()
             self._scratch = [flat[offsets[i] : offsets[i + 1]].view(rows, d) for i, d in enumerate(dims)]
             self._scratch_key = key
+            # The same rows as one (layers, rows, d) tensor, when every layer has the same width.
+            self._scratch_stacked = flat[:needed].view(len(dims), rows, dims[0]) if len(set(dims)) == 1 else None
         return self._scratch
 
     def check_finite(self, position: Optional[int] = None) -> None:

@@ -70,19 +70,25 @@ def _assert_same_statistics(a, b, rtol=1e-12):
 
 
 @pytest.mark.parametrize("kind", ENCODERS + DECODERS)
-def test_block_outputs_held_per_batch_match_a_launch_per_layer(kind, monkeypatch):
-    """score() on a GPU folds a batch's block outputs with one launch (scoring._HOLD_BYTES): the same
-    statistics as a launch per layer, whole or in groups, for every architecture."""
+@pytest.mark.parametrize("mode", ["per_class", "balanced"])
+def test_block_outputs_held_per_batch_match_a_launch_per_layer(kind, mode, monkeypatch):
+    """score() on a GPU folds a batch's block outputs with one launch (scoring._HOLD_BYTES), and in
+    balanced mode updates all layers' matrices with one batched GEMM: the same statistics as a launch
+    and a GEMM per layer, whole or in groups, for every architecture."""
     from hsvfast import scoring
 
     model = tiny_model(kind).cuda()
     batches = random_batches()
+    kwargs = {}
+    if mode == "balanced":
+        labels = np.concatenate([b["labels"].numpy() for b in batches])
+        kwargs["class_counts"] = dict(zip(*np.unique(labels, return_counts=True)))
     monkeypatch.setattr(scoring, "_HOLD_BYTES", {})
-    per_layer = hsvfast.score(model, batches).stats
+    per_layer = hsvfast.score(model, batches, **kwargs).stats
     one_layer = batches[0]["input_ids"].numel() * model.config.hidden_size * 4
     for budget in (one_layer + 1, 1 << 30):  # groups of two layers, then all layers at once
         monkeypatch.setattr(scoring, "_HOLD_BYTES", {"cuda": budget})
-        _assert_same_statistics(hsvfast.score(model, batches).stats, per_layer)
+        _assert_same_statistics(hsvfast.score(model, batches, **kwargs).stats, per_layer)
 
 
 class _SyncFreeModel(torch.nn.Module):
