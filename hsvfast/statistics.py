@@ -127,6 +127,8 @@ class LayerStack:
         self.staged_views: List[torch.Tensor] = []
 
     def grow(self, capacity: int) -> None:
+        # Old and new tensors coexist during the copy: at a doubling, 1.5× the new size for a moment
+        # (per layer it was one layer's old tensor). Classes first seen together grow it in one step.
         self.second = _padded(self.second, capacity, dim=1)
         self.second_views = list(self.second.unbind(0))
 
