@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from end_to_end import seconds
 from hsvfast import _kernels
 
 LAUNCHES = 10  # kernel launches per CUDA graph replay
@@ -155,18 +156,8 @@ def several_layers(device: str, small: bool, repeats: int) -> None:
     got = [st["out"].clone() for st in states]
     call_per_layer()
     difference = max(float((g - st["out"]).abs().max()) for g, st in zip(got, states))
-    times = {}
-    for name, fn in (("a call per layer", call_per_layer), ("one call", one_call)):
-        samples = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - began)
-        times[name] = statistics.median(samples)
+    times = {name: statistics.median(seconds(fn, device)[0] for _ in range(repeats))
+             for name, fn in (("a call per layer", call_per_layer), ("one call", one_call))}
     print(f"\n{count} layers of {shapes[0][0]}×{shapes[0][1]}×{shapes[0][2]} {str(dtype).replace('torch.', '')} "
           f"(wall, host path included): a call per layer {times['a call per layer'] * 1e6:.0f} µs, one call "
           f"{times['one call'] * 1e6:.0f} µs; outputs differ by {difference:.1e}")

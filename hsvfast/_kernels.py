@@ -142,6 +142,7 @@ def pool_fold_layers(
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(first.shape)}")
     batch, tokens, _ = first.shape
     dtype, device = first.dtype, first.get_device()
+    one_call = which != "torch" and len(acts) > 1
     flat = []  # 10 entries per layer: see layer_pointers in csrc/bindings.cpp
     for i, act in enumerate(acts):  # runs once per layer and batch: plain attribute reads only
         shape = act.shape
@@ -152,10 +153,10 @@ def pool_fold_layers(
                 f"tokens, dtype and device; got {tuple(first.shape)} {first.dtype} {first.device} and "
                 f"{tuple(act.shape)} {act.dtype} {act.device}"
             )
-        if which != "torch":
+        if one_call:
             flat += (act.data_ptr(), shape[2], *act.stride(), shifts[i].data_ptr(), outs[i].data_ptr(),
                      sums[i].data_ptr(), sqnorms[i].data_ptr(), nonfinites[i].data_ptr())
-    if which == "torch" or len(acts) == 1:
+    if not one_call:
         for i, act in enumerate(acts):
             pool_fold(act, weights, outs[i], labels=labels, out_rows=out_rows, shift=shifts[i], sums=sums[i],
                       sqnorms=sqnorms[i], nonfinite=nonfinites[i], batch_index=batch_index, use=which,

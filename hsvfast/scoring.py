@@ -121,7 +121,7 @@ def score(
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     max_positions = _max_positions(model)
 
-    current: Dict[str, Any] = {}
+    current: Dict[str, Any] = {"held_bytes": 0}
     deepest = layer_ids[-1]
     # Block outputs wait here until the forward stops (or they pass the byte budget), then all are
     # folded with one kernel launch: on a GPU, a forward of short sequences is bound by the host,
@@ -182,9 +182,7 @@ def score(
                         )
                         warned_empty = True
                 plan = stats.plan_batch(labels, poolable)
-                held_positions.clear()
-                held_acts.clear()
-                current["plan"], current["held_bytes"] = plan, 0
+                current["plan"] = plan
                 current["weights"] = _to_device(weights, device)
                 if max_positions and batch["input_ids"].shape[1] > max_positions:
                     raise ValueError(

@@ -69,16 +69,12 @@ class LayerMoments:
     @classmethod
     def empty(cls, hidden_size: int, capacity: int, mode: str, device: torch.device,
               second: Optional[torch.Tensor] = None) -> "LayerMoments":
-        """Zeroed accumulators; ``second``: zeroed per-class second moments to use (a slot of a :class:`LayerStack`)."""
+        """Zeroed accumulators; ``second``: zeroed second moments to use (a slot of a :class:`LayerStack`)."""
         f64 = dict(dtype=torch.float64, device=device)
-        if second is not None:
-            pass
-        elif mode == "per_class":
+        if second is None and mode == "per_class":
             second = torch.zeros(capacity, hidden_size, hidden_size, **f64)
-        elif mode == "balanced":
+        elif second is None and mode == "balanced":
             second = torch.zeros(hidden_size, hidden_size, **f64)
-        else:
-            second = None
         return cls(
             hidden_size=hidden_size,
             shift=torch.zeros(capacity, hidden_size, **f64),
@@ -131,6 +127,10 @@ class LayerStack:
         # (per layer it was one layer's old tensor). Classes first seen together grow it in one step.
         self.second = _padded(self.second, capacity, dim=1)
         self.second_views = list(self.second.unbind(0))
+
+    def holds(self, position: int, m: Optional["LayerMoments"]) -> bool:
+        """Whether layer ``position``'s moments ``m`` still use this stack's slot."""
+        return m is not None and m.second is self.second_views[position]
 
     def staging(self, rows: int) -> List[torch.Tensor]:
         """(rows, d) staging buffers of every layer (reallocated only with nothing staged)."""
@@ -402,8 +402,8 @@ class Statistics:
         stack = self._stack
         if stack is None or len(stack.staged_views) != len(self.moments):
             return None
-        for m, second, staged in zip(self.moments, stack.second_views, stack.staged_views):
-            if m is not None and m.second is not second:  # replaced for good: free the stack
+        for position, (m, staged) in enumerate(zip(self.moments, stack.staged_views)):
+            if m is not None and not stack.holds(position, m):  # replaced for good: free the stack
                 self._stack = None
                 return None
             if m is None or m.staged is not staged:  # a layer not folded yet (or of another width)
@@ -417,7 +417,7 @@ class Statistics:
         views = stack.staging(needed) if stack is not None else None
         buffers = []
         for position, m in zip(positions, layers):
-            if views is not None and m.second is stack.second_views[position]:
+            if views is not None and stack.holds(position, m):
                 m.staged = views[position]
             elif m.staged is None or m.staged.shape[0] != needed:
                 m.staged = torch.empty(needed, m.hidden_size, dtype=torch.float64, device=m.shift.device)
@@ -449,8 +449,7 @@ class Statistics:
             capacity = needed
         self._check_memory(capacity, sizes)
         stack = self._stack if self.mode == "per_class" else None  # a balanced matrix does not grow
-        stacked = [stack is not None and m is not None and m.second is stack.second_views[p]
-                   for p, m in enumerate(self.moments)]
+        stacked = [stack is not None and stack.holds(p, m) for p, m in enumerate(self.moments)]
         if stack is not None:
             stack.grow(capacity)
         for p, m in enumerate(self.moments):
@@ -517,8 +516,8 @@ class Statistics:
         if self.mode == "balanced":
             scale = tensors["row_scale"].unsqueeze(1)
             stack, stacked_rows = self._stack, self._scratch_stacked
-            if (stacked_rows is not None and stack is not None and len(layers) == len(self.moments)
-                    and all(m.second is view for m, view in zip(layers, stack.second_views))):
+            if (stacked_rows is not None and stack is not None and list(positions) == list(range(len(self.moments)))
+                    and all(stack.holds(p, m) for p, m in zip(positions, layers))):
                 # Every layer, in order, with one batched GEMM (the rows were cut from one (L, rows, d) block).
                 stack.second.baddbmm_((stacked_rows * scale).transpose(1, 2), stacked_rows)
             else:
