@@ -37,7 +37,7 @@ step "tests (CUDA kernels and statistics vs the PyTorch reference)"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 export HSVFAST_EXPECT_CUDA_BUILD=1  # the compiled-CUDA check must run here, not skip
 within 180 && { (cd /tmp && timeout $T python3 -m pytest -q -p no:cacheprovider $XDIST --rootdir "$REPO" -c "$REPO/pyproject.toml" \
-  "$REPO"/tests/test_{kernels,cuda,statistics,batching}.py -k "not never_waits" 2>&1 \
+  "$REPO"/tests/test_{kernels,cuda,statistics,batching,graphs}.py -k "not never_waits" 2>&1 \
   | tee "$LOG/tests.log" | tail -15) || status=1; }
 # The overlap check times the device: alone on it, not next to the parallel workers above.
 within 90 && { (cd /tmp && timeout $T python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \

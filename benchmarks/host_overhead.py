@@ -121,6 +121,9 @@ def main() -> None:
     for name, kwargs in modes.items():
         methods[name] = (lambda kw: lambda: hsvfast.score(model, data, **common, **kw))(kwargs)
     if device.type == "cuda":
+        name = "default, CUDA graphs (the forward and pooling replayed)"
+        modes[name] = dict(cuda_graphs=True)
+        methods[name] = lambda: hsvfast.score(model, data, **common, cuda_graphs=True)
         for name in list(modes)[:2]:
             modes[f"{name}, a launch per layer"] = modes[name]
             methods[f"{name}, a launch per layer"] = launch_per_layer(methods[name])

@@ -86,10 +86,11 @@ PYBIND11_MODULE(_C, m) {
       "pool_fold_layers",
       [](int dtype, int64_t batch, int64_t tokens, std::uintptr_t weights, std::uintptr_t labels,
          std::uintptr_t out_rows, int64_t batch_index, const std::vector<int64_t>& flat_layers, int device,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, std::uintptr_t batch_index_at) {
         const auto layers = layer_pointers(flat_layers);
-        const PoolFoldArgs common = make_args(0, dtype, batch, tokens, 0, 0, 0, 0, weights, labels, out_rows, 0, 0, 0,
-                                              0, 0, batch_index);
+        PoolFoldArgs common = make_args(0, dtype, batch, tokens, 0, 0, 0, 0, weights, labels, out_rows, 0, 0, 0,
+                                        0, 0, batch_index);
+        common.batch_index_at = ptr<const int64_t>(batch_index_at);
         py::gil_scoped_release release;
         if (device < 0) {
           hsvfast::pool_fold_layers_cpu(common, layers.data(), int64_t(layers.size()));
@@ -101,7 +102,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
         }
       },
-      "Pool and fold several layers of one batch (one CUDA launch; see csrc/pool_fold.h).");
+      py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("weights"), py::arg("labels"),
+      py::arg("out_rows"), py::arg("batch_index"), py::arg("flat_layers"), py::arg("device"), py::arg("stream"),
+      py::arg("batch_index_at") = 0,
+      "Pool and fold several layers of one batch (one CUDA launch; see csrc/pool_fold.h). `batch_index_at`: "
+      "address of the batch index (an int64 on the device), for a launch a CUDA graph replays; 0: `batch_index`.");
 
 #ifdef HSVFAST_WITH_CUDA
   m.def(

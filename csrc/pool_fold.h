@@ -10,6 +10,8 @@
 //   out[r, d]   = x[d]        with r = out_rows ? out_rows[b] : b
 //   sums[label[b], d] += x[d];   sqnorms[label[b]] += sum_d x[d]^2   (when not null)
 //   *nonfinite  = min(*nonfinite, batch_index) if any p[d] is NaN or Inf
+//                 (batch_index read from *batch_index_at when that is not null: a CUDA graph
+//                  replays one launch for many batches, so the index cannot be a launch argument)
 // Rows with label < 0 are skipped; their out row is set to zero.
 #pragma once
 #include <cstdint>
@@ -41,10 +43,11 @@ struct PoolFoldArgs {
   double* sqnorms = nullptr;          // (classes,) or null
   int64_t* nonfinite = nullptr;       // scalar or null
   int64_t batch_index = 0;
+  const int64_t* batch_index_at = nullptr;  // on the device (or the host, CPU); null: batch_index
 };
 
 // What differs between the layers of one batch: the layer's activations and its statistics.
-// Everything else (dtype, batch, tokens, weights, labels, out_rows, batch_index) is shared.
+// Everything else (dtype, batch, tokens, weights, labels, out_rows, batch_index[_at]) is shared.
 struct LayerPointers {
   const void* act = nullptr;
   int64_t dim = 0, stride_b = 0, stride_t = 0, stride_d = 0;

@@ -177,7 +177,10 @@ void pool_fold_typed(const PoolFoldArgs& a) {
       for (int64_t d = 0; d < a.dim; ++d) sums[d] += out[d];
     }
     if (a.sqnorms) a.sqnorms[label] += row_sqnorm[b];
-    if (!row_finite[b] && a.nonfinite && a.batch_index < *a.nonfinite) *a.nonfinite = a.batch_index;
+    if (!row_finite[b] && a.nonfinite) {
+      const int64_t batch_index = a.batch_index_at ? *a.batch_index_at : a.batch_index;
+      if (batch_index < *a.nonfinite) *a.nonfinite = batch_index;
+    }
   }
 }
 

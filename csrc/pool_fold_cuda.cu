@@ -160,7 +160,7 @@ __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
 
   if (!finite && a.nonfinite) {
     atomicMin(reinterpret_cast<unsigned long long*>(a.nonfinite),
-              static_cast<unsigned long long>(a.batch_index));
+              static_cast<unsigned long long>(a.batch_index_at ? *a.batch_index_at : a.batch_index));
   }
   if (a.sqnorms) {
     sqnorm = warp_sum(sqnorm);

@@ -126,6 +126,7 @@ def pool_fold_layers(
     nonfinites: Sequence[torch.Tensor],
     batch_index: int = 0,
     use: Optional[str] = None,
+    batch_index_at: Optional[torch.Tensor] = None,
 ) -> None:
     """:func:`pool_fold` of several layers of one batch: layer ``i`` is ``acts[i]`` (B, T, d_i) into
     ``outs[i]``, ``shifts[i]``, ``sums[i]``, ``sqnorms[i]`` and ``nonfinites[i]``; the weights, labels
@@ -133,6 +134,8 @@ def pool_fold_layers(
 
     The accumulators are not checked (callers made them: :class:`~hsvfast.statistics.Statistics`);
     the activations must share the dtype, batch size and token count, and lie on one device.
+    ``batch_index_at``: a one-element int64 tensor on that device holding the batch index, read by
+    the kernel when it runs (a CUDA graph replays the launch for later batches); else ``batch_index``.
     """
     if not acts:
         return
@@ -142,7 +145,7 @@ def pool_fold_layers(
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(first.shape)}")
     batch, tokens, _ = first.shape
     dtype, device = first.dtype, first.get_device()
-    one_call = which != "torch" and len(acts) > 1
+    one_call = which != "torch" and (len(acts) > 1 or batch_index_at is not None)
     flat = []  # 10 entries per layer: see layer_pointers in csrc/bindings.cpp
     for i, act in enumerate(acts):  # runs once per layer and batch: plain attribute reads only
         shape = act.shape
@@ -157,6 +160,8 @@ def pool_fold_layers(
             flat += (act.data_ptr(), shape[2], *act.stride(), shifts[i].data_ptr(), outs[i].data_ptr(),
                      sums[i].data_ptr(), sqnorms[i].data_ptr(), nonfinites[i].data_ptr())
     if not one_call:
+        if batch_index_at is not None:  # the PyTorch reference (never inside a CUDA graph: it synchronises)
+            batch_index = int(batch_index_at.item())
         for i, act in enumerate(acts):
             pool_fold(act, weights, outs[i], labels=labels, out_rows=out_rows, shift=shifts[i], sums=sums[i],
                       sqnorms=sqnorms[i], nonfinite=nonfinites[i], batch_index=batch_index, use=which,
@@ -172,7 +177,8 @@ def pool_fold_layers(
     else:
         raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
     _C.pool_fold_layers(dtype_code, batch, tokens, weights.data_ptr(), labels.data_ptr(),
-                        0 if out_rows is None else out_rows.data_ptr(), batch_index, flat, device, stream)
+                        0 if out_rows is None else out_rows.data_ptr(), batch_index, flat, device, stream,
+                        0 if batch_index_at is None else batch_index_at.data_ptr())
 
 
 def _current_stream(index: int) -> int:

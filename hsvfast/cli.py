@@ -159,7 +159,7 @@ def run_score(args: argparse.Namespace) -> int:
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
                         device=args.device, progress=not args.quiet, model_name=display_name(args.model),
                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                        max_memory=int(args.max_memory * 2**30))
+                        max_memory=int(args.max_memory * 2**30), cuda_graphs=args.cuda_graphs)
     if args.save_stats:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
                        "resumed from when it exists")
     score.add_argument("--checkpoint-every", type=int, default=1000)
+    score.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each batch shape's forward from a CUDA graph (CUDA only; for short sequences "
+                            "on a large GPU, where launching kernels is the bottleneck)")
     score.set_defaults(run=run_score)
 
     merge = commands.add_parser("merge", help="sum statistics files of parts of one corpus")

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import _kernels
 from .batching import BucketedBatches
+from .graphs import ForwardGraphs, graphs_supported
 from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
@@ -47,6 +48,7 @@ def score(
     checkpoint: "str | os.PathLike | None" = None,
     checkpoint_every: int = 1000,
     metrics: Optional[Sequence[str]] = None,
+    cuda_graphs: bool = False,
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -83,6 +85,10 @@ def score(
         metrics: which metrics to compute (default ``["variability", "trace_ratio"]``);
             see ``hsvfast.metrics.LOWER_IS_BETTER`` for all and their directions. Only what
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
+        cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch
+            shape, tokens padded to a multiple of 8 (see :mod:`hsvfast.graphs`): for forwards bound
+            by the host (short sequences on a large GPU). CUDA only; the model must not
+            synchronise with the host inside its forward (else graphs switch off, with a warning).
         checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
             (atomically: a crash at any instant leaves the last good checkpoint). Called
             again with the same arguments and a deterministic loader, ``score`` resumes
@@ -120,6 +126,9 @@ def score(
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     max_positions = _max_positions(model)
+    if cuda_graphs and not graphs_supported(device):
+        raise ValueError(f"cuda_graphs=True needs a CUDA device and the compiled CUDA kernels; scoring runs on "
+                         f"{device} with the {_kernels.backend(device)!r} backend. Leave cuda_graphs off.")
 
     current: Dict[str, Any] = {"held_bytes": 0}
     deepest = layer_ids[-1]
@@ -150,6 +159,37 @@ def score(
             if layer == deepest:
                 raise StopForward
         return hook
+
+    def run_forward(inputs: Dict[str, torch.Tensor], weights: torch.Tensor, plan, precision=precision) -> None:
+        # One batch, eagerly: the forward up to the deepest block; the hooks fold the block outputs.
+        current["plan"], current["weights"] = plan, weights
+        try:
+            with precision:
+                model(**inputs, **forward_kwargs)
+        except StopForward:
+            fold_held()
+        else:
+            raise RuntimeError(
+                f"the forward pass finished without running block {deepest}; the blocks found are not "
+                "the ones the model runs. Pass blocks= explicitly."
+            )
+
+    graphs = None
+    if cuda_graphs:
+        # Inside a capture, autocast must not cache casts made outside it (torch's CUDA graph notes).
+        graph_precision = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if autocast
+                           else contextlib.nullcontext())
+
+        def run_graphed(inputs, weights, plan) -> None:
+            try:
+                run_forward(inputs, weights, plan, graph_precision)
+            except BaseException:  # a failed capture: the hooks may hold outputs of the aborted forward
+                held_positions.clear()
+                held_acts.clear()
+                current["held_bytes"] = 0
+                raise
+
+        graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions)
 
     was_training = model.training
     handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]
@@ -182,29 +222,21 @@ def score(
                         )
                         warned_empty = True
                 plan = stats.plan_batch(labels, poolable)
-                current["plan"] = plan
-                current["weights"] = _to_device(weights, device)
                 if max_positions and batch["input_ids"].shape[1] > max_positions:
                     raise ValueError(
                         f"batch {batch_index} has sequences of {batch['input_ids'].shape[1]} tokens but the model "
                         f"takes at most {max_positions}; tokenize with truncation=True, max_length={max_positions}"
                     )
-                inputs = {k: _to_device(batch[k], device) for k in _MODEL_INPUTS if k in batch}
+                inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
                 try:
-                    with precision:
-                        model(**inputs, **forward_kwargs)
-                except StopForward:
-                    fold_held()
+                    if graphs is None or not graphs.run(inputs, weights, plan):
+                        run_forward({k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device),
+                                    plan)
                 except torch.OutOfMemoryError as error:
                     raise torch.OutOfMemoryError(
                         f"out of memory on {device} in batch {batch_index} ({batch['input_ids'].shape[0]} sequences "
                         f"of {batch['input_ids'].shape[1]} tokens): use a smaller batch size or max_length. {error}"
                     ) from error
-                else:
-                    raise RuntimeError(
-                        f"the forward pass finished without running block {deepest}; the blocks found are not "
-                        "the ones the model runs. Pass blocks= explicitly."
-                    )
                 stats.finish_batch(plan)
                 resume.after_batch(batch_index, batch)
                 if progress and hasattr(bar, "set_postfix"):
@@ -216,6 +248,8 @@ def score(
             all_reduce_statistics(stats)
         stats.check_complete()
     finally:
+        if graphs is not None:
+            graphs.close()
         for handle in handles:
             handle.remove()
         model.train(was_training)
@@ -368,6 +402,12 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.device == device:
         return tensor
     return tensor.to(device, non_blocking=True)
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    """The id a tokenizer pads with, from the model's config (0 where it names none)."""
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
 def _model_device(model: nn.Module) -> torch.device:

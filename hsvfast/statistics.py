@@ -151,6 +151,8 @@ class BatchPlan:
     new_classes: List[tuple]              # (class id, row) for classes first seen here
     batch_counts: np.ndarray              # (num_classes,) rows per class in this batch
     device_tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # What device_tensors were copied from: int64 [class ids (B) | staging rows or 1/N_c (B, if any) | index]
+    host_packed: Optional[torch.Tensor] = None
 
 
 class Statistics:
@@ -250,30 +252,38 @@ class Statistics:
         # on a GPU (a copy from pageable memory may wait for the device, CUDA's documented behaviour,
         # which would stall the pass once per batch): the class ids, then in per-class mode each row's
         # staging row, in balanced mode each row's 1/N_c (0 for a skipped row). Elsewhere rows are
-        # written in input order (out_rows None).
+        # written in input order (out_rows None). The last entry is the batch index (for a CUDA graph's
+        # kernel launch, which reads it on the device: hsvfast.graphs).
         n = len(class_ids)
-        host = torch.empty(n if self.mode == "trace" else 2 * n, dtype=torch.int64,
+        host = torch.empty((n if self.mode == "trace" else 2 * n) + 1, dtype=torch.int64,
                            pin_memory=self.device.type == "cuda")
         packed = host.numpy()
         packed[:n] = class_ids
+        packed[-1] = self.num_batches
         out_rows = None
         if self.mode == "per_class":
-            out_rows = packed[n:] = self._stage_batch(class_ids, valid, batch_counts)
+            out_rows = packed[n:-1] = self._stage_batch(class_ids, valid, batch_counts)
         elif self.mode == "balanced":
             if len(self._inverse_counts) != self.num_classes:  # classes were registered (here, by a merge or a load)
                 self._inverse_counts = 1.0 / np.array([self.class_counts[label] for label in self.labels], np.float64)
-            scale = packed[n:].view(np.float64)
+            scale = packed[n:-1].view(np.float64)
             scale[:] = 0.0
             scale[valid] = self._inverse_counts[class_ids[valid]]
-        plan = BatchPlan(self.num_batches, class_ids, out_rows, new_classes, batch_counts)
-        indices = host.to(self.device, non_blocking=True)
-        tensors = plan.device_tensors
-        tensors["class_ids"], tensors["out_rows"] = indices[:n], None
-        if self.mode == "per_class":
-            tensors["out_rows"] = indices[n:]
-        elif self.mode == "balanced":
-            tensors["row_scale"] = indices[n:].view(torch.float64)
+        plan = BatchPlan(self.num_batches, class_ids, out_rows, new_classes, batch_counts, host_packed=host)
+        plan.device_tensors = self.plan_tensors(host.to(self.device, non_blocking=True), n)
         return plan
+
+    def plan_tensors(self, packed: torch.Tensor, rows: int, with_index: bool = False) -> Dict[str, torch.Tensor]:
+        """Views of a batch plan's packed int64 tensor (see :meth:`plan_batch`) by what the kernel reads;
+        ``with_index``: also the batch index, for a kernel launch that reads it on the device."""
+        tensors = {"class_ids": packed[:rows], "out_rows": None}
+        if self.mode == "per_class":
+            tensors["out_rows"] = packed[rows : 2 * rows]
+        elif self.mode == "balanced":
+            tensors["row_scale"] = packed[rows : 2 * rows].view(torch.float64)
+        if with_index:
+            tensors["batch_index"] = packed[-1:]
+        return tensors
 
     def _class_ids(self, labels: Sequence[Hashable], poolable: np.ndarray):
         """Dense class id per row (-1 = skipped) and the (class id, row) of classes first seen here."""
@@ -511,7 +521,7 @@ class Statistics:
         _kernels.pool_fold_layers(
             acts, weights, outs, tensors["class_ids"], tensors["out_rows"], [m.shift for m in layers],
             [m.sums for m in layers], [m.sqnorms for m in layers], [m.nonfinite for m in layers],
-            batch_index=plan.index,
+            batch_index=plan.index, batch_index_at=tensors.get("batch_index"),
         )
         if self.mode == "balanced":
             scale = tensors["row_scale"].unsqueeze(1)
@@ -523,6 +533,23 @@ class Statistics:
             else:
                 for m, x in zip(layers, outs):
                     m.second.addmm_((x * scale).T, x)
+
+    def buffer_addresses(self) -> tuple:
+        """Where every buffer that folding a batch reads or writes lives, with what sets their layout.
+
+        A CUDA graph that captured :meth:`fold_layers` replays it correctly only while this is
+        unchanged (:mod:`hsvfast.graphs`): classes that grow the accumulators, a new staging layout
+        or new scratch rows all change it.
+        """
+        flat = self._scratch_flat
+        addresses = [self.capacity, self._stage_rows, self._scratch_key, None if flat is None else flat.data_ptr()]
+        for m in self.moments:
+            if m is None:
+                addresses.append(None)
+                continue
+            addresses += (m.shift.data_ptr(), m.sums.data_ptr(), m.sqnorms.data_ptr(), m.nonfinite.data_ptr(),
+                          0 if m.second is None else m.second.data_ptr(), 0 if m.staged is None else m.staged.data_ptr())
+        return tuple(addresses)
 
     def _first_fold(self, position: int, act: torch.Tensor) -> LayerMoments:
         """The accumulators of a layer seen for the first time (or an error if its width changed)."""

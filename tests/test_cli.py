@@ -92,7 +92,7 @@ def test_max_memory_switches_to_class_balanced_statistics_with_the_same_numbers(
                                reports["per_class"]["metrics"]["variability"], rtol=1e-9)
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels"])
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels", "graphs_on_cpu"])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, case):
     data = tsv(tmp_path / "d.tsv")
     model = tiny_model_dir
@@ -104,12 +104,14 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
         model = tmp_path / "no-model-here"
     else:
         data = tsv(tmp_path / "d.tsv", rows=[("a b", 0.5), ("c d", 1.5)] * 4)
-    result = run_cli("score", "--model", model, "--data", data, "--quiet")
+    extra = ["--cuda-graphs", "--device", "cpu"] if case == "graphs_on_cpu" else []
+    result = run_cli("score", "--model", model, "--data", data, "--quiet", *extra)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("hsvfast: error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     expected = {"missing_file": "does not exist", "missing_column": "the columns are ['words', 'class']",
-                "bad_model": "cannot load model", "float_labels": "discrete class labels"}[case]
+                "bad_model": "cannot load model", "float_labels": "discrete class labels",
+                "graphs_on_cpu": "cuda_graphs=True needs a CUDA device"}[case]
     assert expected in lines[0]
 
 

@@ -180,6 +180,24 @@ def test_several_layers_in_one_call_match_the_reference_layer_by_layer(device, d
         assert int(a["nonfinite"].item()) == (4 if bad else _kernels.NO_BAD_BATCH)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use", ["torch", "compiled"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_batch_index_read_where_it_lies(device, use, count):
+    """``batch_index_at`` (what a CUDA graph's launch reads, hsvfast.graphs): the index reported for a
+    non-finite value is the tensor's at run time, not the ``batch_index`` argument."""
+    use = compiled_backend(device) if use == "compiled" else use
+    layers, weights, labels, out_rows = _layer_stack(device, torch.float32, count)
+    layers[-1]["act"] = layers[-1]["act"].clone()
+    layers[-1]["act"][0, 0, 3] = float("nan")
+    at = torch.tensor([17], dtype=torch.int64, device=device)
+    _kernels.pool_fold_layers([a["act"] for a in layers], weights, [a["out"] for a in layers], labels, out_rows,
+                              [a["shift"] for a in layers], [a["sums"] for a in layers],
+                              [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers], batch_index=4,
+                              use=use, batch_index_at=at)
+    assert [int(a["nonfinite"].item()) for a in layers] == [_kernels.NO_BAD_BATCH] * (count - 1) + [17]
+
+
 def test_several_layers_must_share_batch_and_tokens():
     layers, weights, labels, out_rows = _layer_stack("cpu", torch.float32, 2)
     layers[1]["act"] = layers[1]["act"][:, :5]

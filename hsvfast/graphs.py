@@ -1,0 +1,201 @@
+"""CUDA graphs of the scoring pass: one launch per batch replays the whole truncated forward.
+
+A forward pass of short sequences through a large model is bound by the host: eager PyTorch
+spends microseconds launching each of hundreds of small kernels while the GPU waits (BERT-large
+on SST-2-length batches kept an H100 busy 6.7 ms of each 11 ms batch, benchmarks/RESULTS.md).
+A CUDA graph captured once per batch shape replays everything ``score`` runs on the device for a
+batch — the blocks up to the deepest scored one, the pooling launches the hooks make, balanced
+mode's Gram update — from one host call.
+
+A graph replays fixed shapes and fixed addresses, so:
+
+* each batch is copied into static input buffers of its shape's graph. With an attention mask,
+  the tokens are padded to a multiple of ``multiple`` (padding tokens: the pad id, mask 0, pooling
+  weight 0 — what a tokenizer's own padding gives) so that nearby lengths share one graph;
+* the batch's plan (class ids, staging rows or 1/N_c, and the batch index, which the pooling
+  kernel reads on the device) is copied into a static buffer;
+* a graph is replayed only while the statistics' buffers are where they were at capture
+  (:meth:`hsvfast.statistics.Statistics.buffer_addresses`), else captured again;
+* the first batch of a shape, batches with classes seen for the first time, and everything
+  before each layer's first fold run eagerly. The batch that triggers a capture is computed by
+  the eager warm-up that precedes it (CUDA's recommended warm-up, on the capture stream).
+
+A graph that cannot be captured (a model that synchronises with the host inside its forward)
+switches graphs off for the rest of the call, with a warning; scoring continues eagerly.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Callable, Dict, Mapping, Optional
+
+import torch
+
+from . import _kernels
+from .statistics import BatchPlan, Statistics
+
+#: Pad the tokens of a batch up to a multiple of this many (tensor-core friendly; bounds the graphs).
+DEFAULT_MULTIPLE = 8
+#: Graphs kept per call at most; batches of further shapes run eagerly.
+MAX_GRAPHS = 128
+
+def graphs_supported(device: torch.device) -> bool:
+    """Whether ``score(cuda_graphs=True)`` can run on ``device`` (CUDA, with the compiled CUDA kernels:
+    the PyTorch reference reads results back on the host, which a capture forbids)."""
+    return device.type == "cuda" and _kernels.backend(device) == "cuda"
+
+
+RunForward = Callable[[Dict[str, torch.Tensor], torch.Tensor, BatchPlan], None]
+
+
+class _Entry:
+    """One batch shape: its static buffers, the plan that views them, and its graph."""
+
+    def __init__(self, inputs: Dict[str, torch.Tensor], weights: torch.Tensor, packed: torch.Tensor,
+                 plan: BatchPlan) -> None:
+        self.inputs, self.weights, self.packed, self.plan = inputs, weights, packed, plan
+        self.graph = None
+        self.addresses: Optional[tuple] = None
+        self.filled = weights.shape[1]  # tokens the last batch wrote (the rest is padding already)
+
+
+class ForwardGraphs:
+    """Captures and replays the scoring pass of one ``score`` call, one graph per batch shape.
+
+    Args:
+        stats: the call's statistics (their buffer addresses decide whether a graph is valid).
+        run_forward: ``run_forward(inputs, weights, plan)`` runs the pass of one batch eagerly —
+            the forward up to the deepest block, with the hooks folding the block outputs — from
+            device tensors. It is what gets captured.
+        device: the CUDA device.
+        pad_token_id: the id written into padding tokens.
+        max_tokens: the longest input the model takes (padding never goes past it); None: no limit.
+        multiple: pad the tokens to a multiple of this (1: exact shapes).
+    """
+
+    def __init__(self, stats: Statistics, run_forward: RunForward, device: torch.device,
+                 pad_token_id: int = 0, max_tokens: Optional[int] = None, multiple: int = DEFAULT_MULTIPLE) -> None:
+        self.stats, self.run_forward, self.device = stats, run_forward, device
+        self.pad_token_id, self.max_tokens, self.multiple = int(pad_token_id), max_tokens, max(1, int(multiple))
+        self.entries: Dict[tuple, _Entry] = {}
+        self.sightings: Dict[tuple, int] = collections.Counter()
+        self.disabled: Optional[str] = None  # why graphs were switched off
+        self.counts = collections.Counter()  # batches "replayed", "captured", "eager" (for tests and benchmarks)
+        self._stream = self._pool = None
+
+    # The two CUDA-specific operations; tests on machines without a GPU replace them.
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph, run: Callable[[], None]) -> None:
+        """Record ``run``'s device work into ``graph`` (on a side stream, into a pool shared by this call's graphs)."""
+        if self._stream is None:
+            self._stream, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
+        # Not torch.cuda.graph(): it empties the allocator's caches (device and pinned host memory) at
+        # every capture. "thread_local": the loader's thread may allocate pinned memory meanwhile.
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(self._pool, capture_error_mode="thread_local")
+            try:
+                run()
+            finally:
+                graph.capture_end()
+
+    def warm_up(self, run: Callable[[], None]) -> None:
+        """Run eagerly on the capture stream (CUDA's advice before a capture: lazy initialisations
+        then happen outside it)."""
+        if self._stream is None:
+            self._stream, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            run()
+        current.wait_stream(self._stream)
+
+    # ------------------------------------------------------------------ per batch
+    def padded_tokens(self, tokens: int, masked: bool) -> int:
+        """Tokens of the graph a batch of ``tokens`` tokens runs in (padding needs an attention mask)."""
+        if not masked or self.multiple == 1:
+            return tokens
+        padded = -(-tokens // self.multiple) * self.multiple
+        return min(padded, self.max_tokens) if self.max_tokens else padded
+
+    def run(self, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor, plan: BatchPlan) -> bool:
+        """Score one batch through a graph (replayed, or captured after an eager warm-up that scores it).
+
+        ``inputs``: the model inputs (host or device), ``weights``: the (B, T) token weights, ``plan``:
+        from ``stats.plan_batch``. Returns False when the batch must run eagerly instead (nothing done).
+        """
+        if self.disabled or plan.new_classes or plan.host_packed is None or any(m is None for m in self.stats.moments):
+            self.counts["eager"] += 1
+            return False
+        ids = inputs["input_ids"]
+        rows, tokens = ids.shape
+        masked = "attention_mask" in inputs
+        key = (rows, self.padded_tokens(tokens, masked), plan.host_packed.numel(),
+               tuple((name, tensor.dtype) for name, tensor in inputs.items()))
+        entry = self.entries.get(key)
+        if entry is None:
+            self.sightings[key] += 1
+            if self.sightings[key] < 2 or len(self.entries) >= MAX_GRAPHS:  # a shape seen once stays eager
+                self.counts["eager"] += 1
+                return False
+            entry = self.entries[key] = self._new_entry(key, inputs, weights, plan)
+        self._load(entry, inputs, weights, plan)
+        addresses = self.stats.buffer_addresses()
+        if entry.graph is not None and entry.addresses == addresses:
+            entry.graph.replay()
+            self.counts["replayed"] += 1
+            return True
+        # First capture of this shape, or the statistics' buffers moved (new classes, a new staging layout).
+        entry.graph = entry.addresses = None
+        run = lambda: self.run_forward(entry.inputs, entry.weights, entry.plan)  # noqa: E731
+        self.warm_up(run)  # scores this batch
+        addresses = self.stats.buffer_addresses()  # the warm-up may have laid out buffers (a new batch size)
+        graph = self.new_graph()
+        try:
+            self.capture(graph, run)
+        except Exception as error:  # noqa: BLE001 - any capture failure means: no graphs for this model
+            self.disabled = f"{type(error).__name__}: {error}"
+            self.entries.clear()
+            warnings.warn(f"CUDA graphs switched off for this call (the forward could not be captured: "
+                          f"{self.disabled}); scoring continues without them", stacklevel=3)
+        else:
+            if self.stats.buffer_addresses() == addresses:  # nothing was laid out anew inside the capture
+                entry.graph, entry.addresses = graph, addresses
+        self.counts["captured"] += 1
+        return True
+
+    def _new_entry(self, key: tuple, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor,
+                   plan: BatchPlan) -> _Entry:
+        rows, tokens = key[0], key[1]
+        static = {name: torch.zeros(rows, tokens, dtype=tensor.dtype, device=self.device)
+                  for name, tensor in inputs.items()}
+        if "input_ids" in static:
+            static["input_ids"].fill_(self.pad_token_id)
+        packed = torch.empty(key[2], dtype=torch.int64, device=self.device)
+        static_plan = BatchPlan(plan.index, plan.class_ids, plan.out_rows, [], plan.batch_counts,
+                                device_tensors=self.stats.plan_tensors(packed, rows, with_index=True))
+        return _Entry(static, torch.zeros(rows, tokens, dtype=torch.float32, device=self.device), packed, static_plan)
+
+    def _load(self, entry: _Entry, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor, plan: BatchPlan) -> None:
+        """Copy the batch into the entry's static buffers (asynchronously from pinned memory)."""
+        tokens = inputs["input_ids"].shape[1]
+        full = tokens == entry.weights.shape[1]
+        for name, tensor in inputs.items():
+            (entry.inputs[name] if full else entry.inputs[name][:, :tokens]).copy_(tensor, non_blocking=True)
+        (entry.weights if full else entry.weights[:, :tokens]).copy_(weights, non_blocking=True)
+        if entry.filled > tokens:  # an earlier, longer batch wrote there: make it padding again
+            entry.weights[:, tokens:].zero_()
+            entry.inputs["attention_mask"][:, tokens:].zero_()
+            entry.inputs["input_ids"][:, tokens:].fill_(self.pad_token_id)
+            if "token_type_ids" in entry.inputs:
+                entry.inputs["token_type_ids"][:, tokens:].zero_()
+        entry.filled = tokens
+        entry.packed.copy_(plan.host_packed, non_blocking=True)
+
+    def close(self) -> None:
+        """Wait for the last replay, then free the graphs and their memory."""
+        if self.entries and self._stream is not None:
+            torch.cuda.synchronize(self.device)
+        self.entries.clear()

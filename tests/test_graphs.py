@@ -1,0 +1,241 @@
+"""score(cuda_graphs=True): batches replayed from a graph per shape give the eager statistics.
+
+On the CPU the graphs are emulated (:class:`ReplayGraphs`): a "capture" records nothing but the
+pass to run, a "replay" runs it again from the static buffers — and checks that the pooling
+kernel is launched with exactly the arguments of the warm-up that preceded the capture (every
+address but the activations'), which is what a real graph would replay. That tests the
+bookkeeping (padding, static inputs and plans, the device-side batch index, recapture when the
+statistics' buffers move) everywhere; the tests marked requires_cuda run real graphs.
+"""
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hsvfast
+from conftest import requires_cuda
+from hsvfast import _kernels, graphs, scoring
+from tiny_models import DECODERS, ENCODERS, random_batches, tiny_model
+
+
+class _RecordingCore:
+    """``_kernels._C`` with pool_fold_layers' arguments recorded (activation addresses blanked)."""
+
+    def __init__(self, core):
+        self.core, self.launches = core, []
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+    def pool_fold_layers(self, dtype, batch, tokens, weights, labels, out_rows, batch_index, flat, device, stream,
+                         batch_index_at=0):
+        fixed = list(flat)
+        fixed[0::10] = [None] * (len(flat) // 10)  # the activations: graph-internal memory
+        self.launches.append((dtype, batch, tokens, weights, labels, out_rows, tuple(fixed), device, batch_index_at))
+        return self.core.pool_fold_layers(dtype, batch, tokens, weights, labels, out_rows, batch_index, flat, device,
+                                          stream, batch_index_at)
+
+
+class ReplayGraphs(graphs.ForwardGraphs):
+    """CUDA graphs emulated on the CPU (see the module docstring)."""
+
+    instances = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.core = _kernels._C = _RecordingCore(_kernels._C)
+        ReplayGraphs.instances.append(self)
+
+    def new_graph(self):
+        graph = types.SimpleNamespace()
+        graph.replay = lambda: self._replay(graph)
+        return graph
+
+    def warm_up(self, run):
+        self.core.launches.clear()
+        run()
+        self.warm_launches = list(self.core.launches)
+
+    def capture(self, graph, run):
+        graph.run, graph.launches = run, self.warm_launches
+
+    def _replay(self, graph):
+        self.core.launches.clear()
+        graph.run()
+        assert self.core.launches == graph.launches, "a replay would launch the kernel with other arguments"
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """score(cuda_graphs=True) on the CPU, through ReplayGraphs; yields the list of instances."""
+    monkeypatch.setattr(scoring, "ForwardGraphs", ReplayGraphs)
+    monkeypatch.setattr(scoring, "graphs_supported", lambda device: True)
+    monkeypatch.setattr(_kernels, "_C", _kernels._C)  # restored after ReplayGraphs wraps it
+    ReplayGraphs.instances = []
+    yield ReplayGraphs.instances
+
+
+def mixed_length_batches(lengths=(5, 7, 8, 6, 10, 13, 16, 12, 5, 14), classes=3, seed=0):
+    """Batches of several token counts (padded to 8 and 16 in graphs: every shape recurs)."""
+    batches = []
+    for i, length in enumerate(lengths):
+        batches += random_batches(1, batch_size=12, max_len=length, classes=classes, seed=seed + i)
+    return batches
+
+
+def _counts(batches):
+    labels = np.concatenate([b["labels"].numpy() for b in batches])
+    return dict(zip(*np.unique(labels, return_counts=True)))
+
+
+def assert_same_statistics(a, b, rtol=1e-9):
+    a.flush()
+    b.flush()
+    assert a.labels == b.labels and np.array_equal(a.counts, b.counts) and a.num_skipped == b.num_skipped
+    for mine, theirs in zip(a.moments, b.moments):
+        for name in ("shift", "sums", "sqnorms", "second"):
+            x, y = getattr(mine, name), getattr(theirs, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                torch.testing.assert_close(x.cpu(), y.cpu(), rtol=rtol, atol=rtol * float(y.abs().max() + 1))
+
+
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+def test_emulated_graphs_give_the_eager_statistics(kind, emulated):
+    model = tiny_model(kind).double()
+    batches = mixed_length_batches()
+    eager = hsvfast.score(model, batches)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats)
+    # Padded to 8, 8, 8, 8, 16, 16, 16, 16, 8, 16 tokens: batch 0 (first folds) and each shape's first
+    # sighting (1, 4) run eagerly, the second (2, 5) is captured, the rest replayed.
+    assert dict(emulated[0].counts) == {"eager": 3, "captured": 2, "replayed": 5}
+
+
+@pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
+@pytest.mark.parametrize("hold", [False, True])
+def test_emulated_graphs_in_every_statistics_mode(mode, hold, emulated, monkeypatch):
+    """Per-class staging, balanced mode's batched GEMM (captured with the pooling) and the trace-only
+    path; block outputs folded as each block returns (CPU) or held and folded together (GPU)."""
+    if hold:
+        monkeypatch.setattr(scoring, "_HOLD_BYTES", {"cpu": 1 << 30})
+    model = tiny_model("bert").double()
+    batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 3)
+    kwargs = {"per_class": {}, "balanced": dict(class_counts=_counts(batches)),
+              "trace": dict(metrics=["trace_ratio"])}[mode]
+    eager = hsvfast.score(model, batches, **kwargs)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True, **kwargs)
+    assert_same_statistics(graphed.stats, eager.stats)
+    for name in eager.metrics:
+        np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=1e-9)
+    counts = emulated[0].counts
+    assert counts["captured"] >= 1 and counts["replayed"] >= 20
+
+
+def test_graphs_are_captured_again_when_new_classes_grow_the_statistics(emulated):
+    """A class first seen late runs eagerly and grows the accumulators (new addresses): the graph
+    captured before is not replayed but captured again."""
+    model = tiny_model("bert").double()
+    batches = mixed_length_batches(lengths=(8,) * 8, classes=2)
+    batches[5]["labels"][3] = 7  # a third class in batch 5 (capacity 2 -> 4)
+    eager = hsvfast.score(model, batches)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats)
+    assert emulated[0].counts["captured"] == 2  # after batch 1, and again after batch 5
+
+
+@pytest.mark.parametrize("where", ["emulated", pytest.param("cuda", marks=requires_cuda)])
+def test_nan_in_a_replayed_batch_names_that_batch(where, request):
+    """The kernel reads the batch index from the static plan: a replayed launch reports its own batch."""
+    if where == "emulated":
+        request.getfixturevalue("emulated")
+    model = tiny_model("bert").double().to("cpu" if where == "emulated" else "cuda")
+    batches = mixed_length_batches(lengths=(8,) * 6)  # batch 4 is replayed (so are 3 and 5)
+    batches[4]["input_ids"][2, 1] = 3  # random_batches never draws id 3
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"layer 0: non-finite .* batch 4"):
+        hsvfast.score(model, batches, cuda_graphs=True)
+
+
+def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monkeypatch):
+    def fails(self, graph, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ReplayGraphs, "capture", fails)
+    model = tiny_model("llama").double()
+    batches = mixed_length_batches()
+    eager = hsvfast.score(model, batches)
+    with pytest.warns(UserWarning, match="CUDA graphs switched off .* not permitted"):
+        graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats)
+    assert emulated[0].disabled and emulated[0].counts["replayed"] == 0
+
+
+def test_padding_never_passes_the_models_longest_input():
+    stub = graphs.ForwardGraphs.__new__(graphs.ForwardGraphs)
+    stub.multiple, stub.max_tokens = 8, 61
+    assert [stub.padded_tokens(t, masked=True) for t in (1, 8, 9, 57, 60, 61)] == [8, 8, 16, 61, 61, 61]
+    assert stub.padded_tokens(9, masked=False) == 9  # without an attention mask padding would be attended
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        hsvfast.score(tiny_model("bert"), random_batches(), cuda_graphs=True)
+
+
+# ---------------------------------------------------------------- real CUDA graphs
+def _score_with_graphs(model, batches, **kwargs):
+    """score(cuda_graphs=True) and the ForwardGraphs it used."""
+    instances = []
+
+    class Recorded(graphs.ForwardGraphs):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            instances.append(self)
+
+    original = scoring.ForwardGraphs
+    scoring.ForwardGraphs = Recorded
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = hsvfast.score(model, batches, cuda_graphs=True, **kwargs)
+    finally:
+        scoring.ForwardGraphs = original
+    return report, instances[0], [str(w.message) for w in caught if "CUDA graphs" in str(w.message)]
+
+
+#: Architectures whose forward must be capturable (the others may switch graphs off, with a warning).
+CAPTURABLE = ("bert", "roberta", "distilbert", "gpt2", "llama", "qwen2", "mistral")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+@pytest.mark.parametrize("mode", ["per_class", "balanced"])
+def test_cuda_graphs_give_the_eager_statistics(kind, mode):
+    model = tiny_model(kind).cuda()
+    batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 2)
+    kwargs = dict(class_counts=_counts(batches)) if mode == "balanced" else {}
+    eager = hsvfast.score(model, batches, autocast=False, **kwargs)
+    graphed, used, warned = _score_with_graphs(model, batches, autocast=False, **kwargs)
+    # Padded to 16 tokens, float32 attention sums in another order: equal to float32 rounding.
+    assert_same_statistics(graphed.stats, eager.stats, rtol=1e-4)
+    if kind in CAPTURABLE or not warned:
+        assert not warned and used.counts["replayed"] >= 10, (warned, used.counts)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_cuda_graphs_under_bf16_autocast(kind):
+    """The default on CUDA for a float32 model: captured with autocast's cast cache off."""
+    model = tiny_model(kind).cuda()
+    batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 2)
+    eager = hsvfast.score(model, batches)
+    graphed, used, warned = _score_with_graphs(model, batches)
+    assert not warned and used.counts["replayed"] >= 10
+    for name in eager.metrics:  # bf16 hidden states of differently padded attention
+        np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=3e-2)
