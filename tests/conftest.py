@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,22 @@ DATA_DIR = Path(os.environ.get("HSVFAST_DATA_DIR", REPO.parent / "shared" / "dat
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def assert_same_statistics(a, b, rtol: float = 1e-12, atol: "float | None" = None) -> None:
+    """Two hsvfast Statistics hold the same classes, counts and moments: to ``rtol`` (and ``atol``,
+    relative to each tensor's largest entry + 1; default ``rtol``) — rtol=0: bit for bit."""
+    a.flush()
+    b.flush()
+    assert a.labels == b.labels and np.array_equal(a.counts, b.counts) and a.num_skipped == b.num_skipped
+    for position, (mine, theirs) in enumerate(zip(a.moments, b.moments)):
+        for name in ("shift", "sums", "sqnorms", "second"):
+            x, y = getattr(mine, name), getattr(theirs, name)
+            assert (x is None) == (y is None), (position, name)
+            if x is not None:  # float64 atomics on a GPU add in any order: equal up to rounding there
+                scale = (rtol if atol is None else atol) * float(y.abs().max() + 1)
+                torch.testing.assert_close(x.cpu(), y.cpu(), rtol=rtol, atol=scale,
+                                           msg=lambda m: f"layer {position} {name}: {m}")
 
 
 def _missing(what: str):

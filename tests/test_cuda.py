@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hsvfast
-from conftest import REPO, requires_cuda
+from conftest import REPO, assert_same_statistics, requires_cuda
 from tiny_models import DECODERS, ENCODERS, random_batches, tiny_model
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -57,18 +57,6 @@ def test_cuda_compiled_and_torch_backends_agree(monkeypatch):
         np.testing.assert_allclose(compiled.metrics[name], fallback.metrics[name], rtol=1e-9)
 
 
-def _assert_same_statistics(a, b, rtol=1e-12):
-    a.flush()
-    b.flush()
-    assert a.labels == b.labels and np.array_equal(a.counts, b.counts)
-    for mine, theirs in zip(a.moments, b.moments):
-        for name in ("shift", "sums", "sqnorms", "second"):
-            x, y = getattr(mine, name), getattr(theirs, name)
-            assert (x is None) == (y is None), name
-            if x is not None:  # float64 atomics add in any order: equal up to rounding
-                torch.testing.assert_close(x.cpu(), y.cpu(), rtol=rtol, atol=1e-12 * float(y.abs().max() + 1))
-
-
 @pytest.mark.parametrize("kind", ENCODERS + DECODERS)
 @pytest.mark.parametrize("mode", ["per_class", "balanced"])
 def test_block_outputs_held_per_batch_match_a_launch_per_layer(kind, mode, monkeypatch):
@@ -88,7 +76,7 @@ def test_block_outputs_held_per_batch_match_a_launch_per_layer(kind, mode, monke
     one_layer = batches[0]["input_ids"].numel() * model.config.hidden_size * 4
     for budget in (one_layer + 1, 1 << 30):  # groups of two layers, then all layers at once
         monkeypatch.setattr(scoring, "_HOLD_BYTES", {"cuda": budget})
-        _assert_same_statistics(hsvfast.score(model, batches, **kwargs).stats, per_layer)
+        assert_same_statistics(hsvfast.score(model, batches, **kwargs).stats, per_layer)
 
 
 class _SyncFreeModel(torch.nn.Module):
@@ -211,4 +199,4 @@ def test_more_layers_than_one_launch_takes():
     batches, _, _ = _sync_test_batches(resident=False, num_batches=3)
     on_cpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all")
     on_gpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", device="cuda")
-    _assert_same_statistics(on_gpu.stats, on_cpu.stats, rtol=1e-9)
+    assert_same_statistics(on_gpu.stats, on_cpu.stats, rtol=1e-9, atol=1e-12)
