@@ -25,7 +25,7 @@ within() {  # within CAP: sets T for `timeout`; false (the step is skipped) when
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
 step "build with CUDA (sm_90)"
 HSVFAST_CUDA=ON HSVFAST_CUDA_ARCHITECTURES=90 \

@@ -162,6 +162,27 @@ def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monk
     assert emulated[0].disabled and emulated[0].counts["replayed"] == 0
 
 
+@pytest.mark.parametrize("kind", ENCODERS + DECODERS)
+def test_forwards_read_no_device_value_on_the_host_while_capturing(kind, monkeypatch):
+    """A capture fails on any host read of a device value (``.item()``, ``if tensor:``). The CPU's proxy:
+    the forward on the meta device, where such reads raise, with transformers told that a capture is
+    under way (it then skips its data-dependent shortcuts, like dropping an all-ones mask, which read
+    the mask on the host — without that flag all but DeBERTa's forward fail here)."""
+    import sys
+
+    import transformers.utils.import_utils as import_utils
+
+    if not hasattr(import_utils, "is_cuda_stream_capturing"):
+        pytest.skip("this transformers does not check for a CUDA graph capture: graphs switch off for most models")
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers") and hasattr(module, "is_cuda_stream_capturing"):
+            monkeypatch.setattr(module, "is_cuda_stream_capturing", lambda: True)
+    model = tiny_model(kind).to("meta")
+    batch = mixed_length_batches(lengths=(9,))[0]
+    with torch.inference_mode():
+        model(input_ids=batch["input_ids"].to("meta"), attention_mask=batch["attention_mask"].to("meta"))
+
+
 def test_padding_never_passes_the_models_longest_input():
     stub = graphs.ForwardGraphs.__new__(graphs.ForwardGraphs)
     stub.multiple, stub.max_tokens = 8, 61
