@@ -67,6 +67,16 @@ HSVFAST_HOST_DEVICE inline PoolFoldArgs with_layer(PoolFoldArgs a, const LayerPo
   return a;
 }
 
+// The layer part of a single-layer call (the inverse of with_layer).
+HSVFAST_HOST_DEVICE inline LayerPointers layer_of(const PoolFoldArgs& a) {
+  LayerPointers l;
+  l.act = a.act;
+  l.dim = a.dim;
+  l.stride_b = a.stride_b; l.stride_t = a.stride_t; l.stride_d = a.stride_d;
+  l.shift = a.shift; l.out = a.out; l.sums = a.sums; l.sqnorms = a.sqnorms; l.nonfinite = a.nonfinite;
+  return l;
+}
+
 void pool_fold_cpu(const PoolFoldArgs& args);
 // `count` layers of one batch, one after the other (each as pool_fold_cpu(with_layer(common, layer))).
 void pool_fold_layers_cpu(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count);

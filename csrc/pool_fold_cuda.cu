@@ -248,12 +248,7 @@ void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* laye
 
 void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_handle) {
   if (a.dim == 0) return;
-  LayerPointers layer;
-  layer.act = a.act;
-  layer.dim = a.dim;
-  layer.stride_b = a.stride_b; layer.stride_t = a.stride_t; layer.stride_d = a.stride_d;
-  layer.shift = a.shift; layer.out = a.out; layer.sums = a.sums; layer.sqnorms = a.sqnorms;
-  layer.nonfinite = a.nonfinite;
+  const LayerPointers layer = layer_of(a);
   pool_fold_layers_cuda(a, &layer, 1, device, stream_handle);
 }
 
