@@ -118,23 +118,26 @@ RESIDENT = pytest.mark.parametrize("resident", [False, True], ids=["host_batches
 
 @RESIDENT
 @MODES
-def test_no_host_sync_between_batches(mode, resident):
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_no_host_sync_between_batches(mode, resident, cuda_graphs):
     """Nothing in hsvfast waits for the device while batches are scored, whether the loader yields
     them on the host or already on the GPU (their labels and masks are read one batch ahead); the
     finalisation at the end is where the results come back. Batches 0-10 of 12 run under the check
-    (the loader is read one batch ahead, so it ends before the last batch is scored)."""
+    (the loader is read one batch ahead, so it ends before the last batch is scored); with CUDA
+    graphs batches 3-10, the replayed ones (batch 2 is captured: a capture synchronises once)."""
     model = _SyncFreeModel().cuda()
     batches, host_batches, kwargs = _sync_test_batches(resident)
 
     def loader():
         for index, batch in enumerate(batches):
-            if index == 1:
+            if index == (4 if cuda_graphs else 1):
                 torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
             yield batch
         torch.cuda.set_sync_debug_mode("default")
 
     try:
-        report = hsvfast.score(model, loader(), blocks=model.layers, autocast=False, **kwargs[mode])
+        report = hsvfast.score(model, loader(), blocks=model.layers, autocast=False, cuda_graphs=cuda_graphs,
+                               **kwargs[mode])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert report.num_examples == 12 * 12 and report.backend == "cuda"
