@@ -102,7 +102,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
         data = tsv(tmp_path / "d.tsv", header="words\tclass")
     elif case == "bad_model":
         model = tmp_path / "no-model-here"
-    else:
+    elif case == "float_labels":
         data = tsv(tmp_path / "d.tsv", rows=[("a b", 0.5), ("c d", 1.5)] * 4)
     extra = ["--cuda-graphs", "--device", "cpu"] if case == "graphs_on_cpu" else []
     result = run_cli("score", "--model", model, "--data", data, "--quiet", *extra)
