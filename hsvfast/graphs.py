@@ -39,6 +39,7 @@ DEFAULT_MULTIPLE = 8
 #: Graphs kept per call at most; batches of further shapes run eagerly.
 MAX_GRAPHS = 128
 
+
 def graphs_supported(device: torch.device) -> bool:
     """Whether ``score(cuda_graphs=True)`` can run on ``device`` (CUDA, with the compiled CUDA kernels:
     the PyTorch reference reads results back on the host, which a capture forbids)."""
@@ -89,28 +90,35 @@ class ForwardGraphs:
 
     def capture(self, graph, run: Callable[[], None]) -> None:
         """Record ``run``'s device work into ``graph`` (on a side stream, into a pool shared by this call's graphs)."""
-        if self._stream is None:
-            self._stream, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
+        stream = self._side_stream()
         # Not torch.cuda.graph(): it empties the allocator's caches (device and pinned host memory) at
         # every capture. "thread_local": the loader's thread may allocate pinned memory meanwhile.
         torch.cuda.synchronize(self.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             graph.capture_begin(self._pool, capture_error_mode="thread_local")
             try:
                 run()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:
+                    graph.capture_end()  # ends the (invalidated) capture; its own error would hide the cause
+                except Exception:  # noqa: BLE001
+                    pass
+                raise
+            graph.capture_end()
 
     def warm_up(self, run: Callable[[], None]) -> None:
         """Run eagerly on the capture stream (CUDA's advice before a capture: lazy initialisations
         then happen outside it)."""
-        if self._stream is None:
-            self._stream, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
+        stream, current = self._side_stream(), torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
             run()
-        current.wait_stream(self._stream)
+        current.wait_stream(stream)
+
+    def _side_stream(self):
+        if self._stream is None:  # made on first use: a call whose shapes never recur needs none
+            self._stream, self._pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
+        return self._stream
 
     # ------------------------------------------------------------------ per batch
     def padded_tokens(self, tokens: int, masked: bool) -> int:
