@@ -122,6 +122,22 @@ def test_emulated_graphs_in_every_statistics_mode(mode, hold, emulated, monkeypa
     assert counts["captured"] >= 1 and counts["replayed"] >= 20
 
 
+def test_emulated_graphs_with_token_types_and_longer_then_shorter_batches(emulated):
+    """Sentence pairs (token_type_ids 1 on the second segment) whose lengths within one padded shape go
+    down as well as up: what a longer batch left in the static buffers must be padding again (the
+    attention mask and the weights matter; the ids and token types are reset too, as a tokenizer pads)."""
+    model = tiny_model("bert").double()
+    batches = mixed_length_batches(lengths=(16, 12, 15, 9, 16, 10, 13, 11, 14))
+    for batch in batches:
+        types = torch.zeros_like(batch["input_ids"])
+        types[:, batch["input_ids"].shape[1] // 2 :] = 1
+        batch["token_type_ids"] = types * batch["attention_mask"]
+    eager = hsvfast.score(model, batches)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
+    assert emulated[0].counts["replayed"] >= 6
+
+
 def test_graphs_are_captured_again_when_new_classes_grow_the_statistics(emulated):
     """A class first seen late runs eagerly and grows the accumulators (new addresses): the graph
     captured before is not replayed but captured again."""
