@@ -102,6 +102,26 @@ def test_emulated_graphs_give_the_eager_statistics(kind, emulated):
     assert dict(emulated[0].counts) == {"eager": 3, "captured": 2, "replayed": 5}
 
 
+def test_emulated_graphs_on_minilm_and_sst2(emulated, minilm_path, sst2_dev):
+    """Real model, real data, the CLI's loader: 872 SST-2 sentences length-bucketed by MiniLM's
+    tokenizer (token types included) in 28 batches — padded to multiples of 8 in graphs, ν and the
+    trace ratio as the eager pass gives them (which test_score holds to the NumPy reference)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from hsvfast.batching import BucketedBatches
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path).eval()
+    batches = list(BucketedBatches(*sst2_dev, tokenizer, batch_size=32))
+    assert "token_type_ids" in batches[0]
+    eager = hsvfast.score(model, batches)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    for name in eager.metrics:  # float32 attention over more (masked) keys: equal to float32 rounding
+        np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=1e-5)
+    counts = emulated[0].counts
+    assert counts["replayed"] >= 14 and counts["captured"] >= 5, counts
+
+
 @pytest.mark.parametrize("mode", ["per_class", "balanced", "trace"])
 @pytest.mark.parametrize("hold", [False, True])
 def test_emulated_graphs_in_every_statistics_mode(mode, hold, emulated, monkeypatch):
