@@ -159,7 +159,8 @@ def run_score(args: argparse.Namespace) -> int:
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
                         device=args.device, progress=not args.quiet, model_name=display_name(args.model),
                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                        max_memory=int(args.max_memory * 2**30), cuda_graphs=args.cuda_graphs)
+                        max_memory=int(args.max_memory * 2**30),
+                        cuda_graphs={"on": True, "off": False, "auto": "auto"}[args.cuda_graphs])
     if args.save_stats:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
@@ -282,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
                        "resumed from when it exists")
     score.add_argument("--checkpoint-every", type=int, default=1000)
-    score.add_argument("--cuda-graphs", action="store_true",
+    score.add_argument("--cuda-graphs", nargs="?", const="on", default="off", choices=("on", "off", "auto"),
                        help="replay each batch shape's forward from a CUDA graph (CUDA only; for short sequences "
-                            "on a large GPU, where launching kernels is the bottleneck)")
+                            "on a large GPU, where launching kernels is the bottleneck). 'auto': only where a few "
+                            "timed batches show the forward is bound by the host")
     score.set_defaults(run=run_score)
 
     merge = commands.add_parser("merge", help="sum statistics files of parts of one corpus")

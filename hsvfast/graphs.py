@@ -22,6 +22,10 @@ A graph replays fixed shapes and fixed addresses, so:
 
 A graph that cannot be captured (a model that synchronises with the host inside its forward)
 switches graphs off for the rest of the call, with a warning; scoring continues eagerly.
+
+``cuda_graphs="auto"`` first times a few eager batches (:class:`HostBoundProbe`) and uses graphs
+only when the forward is bound by the host: when the device is the bottleneck, graphs save nothing
+and the padding adds device work.
 """
 from __future__ import annotations
 
@@ -49,6 +53,53 @@ def graphs_supported(device: torch.device) -> bool:
 RunForward = Callable[[Dict[str, torch.Tensor], torch.Tensor, BatchPlan], None]
 
 
+class HostBoundProbe:
+    """Whether an eager forward is bound by the host, timed on a few eager batches without waiting
+    for the device.
+
+    Around each timed batch: the host's time to enqueue it (``h``) and, from CUDA events recorded
+    before and after, the device's time from the first to the last of its kernels (``d``). When the
+    host is the bottleneck the device runs each kernel as soon as it is launched and then waits, so
+    ``d`` ≈ ``h``; when the device is, its kernels queue up and ``d`` > ``h``. Graphs pay only in the
+    first case. The verdict comes once ``batches`` timings have arrived (after ``skip`` batches: the
+    first folds allocate): host-bound when the median ``d / h`` is below ``ratio``.
+    """
+
+    def __init__(self, batches: int = 4, ratio: float = 1.1, skip: int = 1, new_event=None, clock=None) -> None:
+        import time
+
+        self.batches, self.ratio, self.skip = batches, ratio, skip
+        self.new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.clock = clock or time.perf_counter
+        self.pending: list = []  # (start event, end event, host seconds) not read yet
+        self.ratios: list = []
+        self.verdict: Optional[bool] = None
+
+    def time(self, run: Callable[[], None]) -> None:
+        """Run ``run`` (one eager batch), timing it when still needed."""
+        if self.skip > 0 or len(self.pending) + len(self.ratios) >= self.batches:
+            self.skip -= 1
+            run()
+            return
+        start, end = self.new_event(), self.new_event()
+        start.record()
+        began = self.clock()
+        run()
+        host = self.clock() - began
+        end.record()
+        self.pending.append((start, end, host))
+
+    def decide(self) -> Optional[bool]:
+        """The verdict (True: bound by the host), or None while timings are still on their way."""
+        if self.verdict is None:
+            while self.pending and self.pending[0][1].query():  # arrived: reading it does not wait
+                start, end, host = self.pending.pop(0)
+                self.ratios.append(start.elapsed_time(end) / 1e3 / max(host, 1e-9))
+            if len(self.ratios) >= self.batches:
+                self.verdict = sorted(self.ratios)[len(self.ratios) // 2] < self.ratio
+        return self.verdict
+
+
 class _Entry:
     """One batch shape: its static buffers, the plan that views them, and its graph."""
 
@@ -72,11 +123,13 @@ class ForwardGraphs:
         pad_token_id: the id written into padding tokens.
         max_tokens: the longest input the model takes (padding never goes past it); None: no limit.
         multiple: pad the tokens to a multiple of this (1: exact shapes).
+        probe: decide first whether graphs pay (``cuda_graphs="auto"``); None: they are used.
     """
 
     def __init__(self, stats: Statistics, run_forward: RunForward, device: torch.device,
-                 pad_token_id: int = 0, max_tokens: Optional[int] = None, multiple: int = DEFAULT_MULTIPLE) -> None:
-        self.stats, self.run_forward, self.device = stats, run_forward, device
+                 pad_token_id: int = 0, max_tokens: Optional[int] = None, multiple: int = DEFAULT_MULTIPLE,
+                 probe: Optional[HostBoundProbe] = None) -> None:
+        self.stats, self.run_forward, self.device, self.probe = stats, run_forward, device, probe
         self.pad_token_id, self.max_tokens, self.multiple = int(pad_token_id), max_tokens, max(1, int(multiple))
         self.entries: Dict[tuple, _Entry] = {}
         self.sightings: Dict[tuple, int] = collections.Counter()
@@ -128,15 +181,17 @@ class ForwardGraphs:
         padded = -(-tokens // self.multiple) * self.multiple
         return min(padded, self.max_tokens) if self.max_tokens else padded
 
-    def run(self, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor, plan: BatchPlan) -> bool:
-        """Score one batch through a graph (replayed, or captured after an eager warm-up that scores it).
+    def run(self, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor, plan: BatchPlan,
+            eager: Callable[[], None]) -> None:
+        """Score one batch: through a graph (replayed, or captured after an eager warm-up that scores
+        it), or with ``eager()``.
 
         ``inputs``: the model inputs (host or device), ``weights``: the (B, T) token weights, ``plan``:
-        from ``stats.plan_batch``. Returns False when the batch must run eagerly instead (nothing done).
+        from ``stats.plan_batch``.
         """
         if self.disabled or plan.new_classes or plan.host_packed is None or any(m is None for m in self.stats.moments):
-            self.counts["eager"] += 1
-            return False
+            self._eager(eager)
+            return
         ids = inputs["input_ids"]
         rows, tokens = ids.shape
         masked = "attention_mask" in inputs
@@ -145,16 +200,16 @@ class ForwardGraphs:
         entry = self.entries.get(key)
         if entry is None:
             self.sightings[key] += 1
-            if self.sightings[key] < 2 or len(self.entries) >= MAX_GRAPHS:  # a shape seen once stays eager
-                self.counts["eager"] += 1
-                return False
+            if self.sightings[key] < 2 or len(self.entries) >= MAX_GRAPHS or not self._worth_it():
+                self._eager(eager)  # a shape seen once stays eager (and every batch while the probe times)
+                return
             entry = self.entries[key] = self._new_entry(key, inputs, weights, plan)
         self._load(entry, inputs, weights, plan)
         addresses = self.stats.buffer_addresses()
         if entry.graph is not None and entry.addresses == addresses:
             entry.graph.replay()
             self.counts["replayed"] += 1
-            return True
+            return
         # First capture of this shape, or the statistics' buffers moved (new classes, a new staging layout).
         entry.graph = entry.addresses = None
         run = lambda: self.run_forward(entry.inputs, entry.weights, entry.plan)  # noqa: E731
@@ -172,7 +227,22 @@ class ForwardGraphs:
             if self.stats.buffer_addresses() == addresses:  # nothing was laid out anew inside the capture
                 entry.graph, entry.addresses = graph, addresses
         self.counts["captured"] += 1
-        return True
+
+    def _eager(self, eager: Callable[[], None]) -> None:
+        self.counts["eager"] += 1
+        if self.probe is not None and self.probe.verdict is None:
+            self.probe.time(eager)
+        else:
+            eager()
+
+    def _worth_it(self) -> bool:
+        """Whether to capture: always without a probe; with one, once it found the forward host-bound."""
+        if self.probe is None:
+            return True
+        verdict = self.probe.decide()
+        if verdict is False:
+            self.disabled = "the forward is bound by the device (graphs would save nothing)"
+        return bool(verdict)
 
     def _new_entry(self, key: tuple, inputs: Mapping[str, torch.Tensor], weights: torch.Tensor,
                    plan: BatchPlan) -> _Entry:
@@ -201,6 +271,15 @@ class ForwardGraphs:
                 entry.inputs["token_type_ids"][:, tokens:].zero_()
         entry.filled = tokens
         entry.packed.copy_(plan.host_packed, non_blocking=True)
+
+    def summary(self) -> Dict[str, object]:
+        """Batches replayed, captured and run eagerly, the probe's verdict, and why graphs were off, if so."""
+        summary: Dict[str, object] = {kind: int(self.counts[kind]) for kind in ("replayed", "captured", "eager")}
+        if self.probe is not None:
+            summary["host_bound"] = self.probe.verdict
+        if self.disabled:
+            summary["off"] = self.disabled
+        return summary
 
     def close(self) -> None:
         """Wait for the last replay, then free the graphs and their memory."""

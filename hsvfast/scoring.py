@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _kernels
 from .batching import BucketedBatches
-from .graphs import ForwardGraphs, graphs_supported
+from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
 from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
@@ -48,7 +48,7 @@ def score(
     checkpoint: "str | os.PathLike | None" = None,
     checkpoint_every: int = 1000,
     metrics: Optional[Sequence[str]] = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: "bool | str" = False,
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -87,8 +87,10 @@ def score(
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch
             shape, tokens padded to a multiple of 8 (see :mod:`hsvfast.graphs`): for forwards bound
-            by the host (short sequences on a large GPU). CUDA only; the model must not
-            synchronise with the host inside its forward (else graphs switch off, with a warning).
+            by the host (short sequences on a large GPU). True: CUDA only; ``"auto"``: only where
+            a few timed eager batches show the forward is bound by the host (anywhere else: off).
+            The model must not synchronise with the host inside its forward (else graphs switch
+            off, with a warning).
         checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
             (atomically: a crash at any instant leaves the last good checkpoint). Called
             again with the same arguments and a deterministic loader, ``score`` resumes
@@ -126,9 +128,13 @@ def score(
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     max_positions = _max_positions(model)
-    if cuda_graphs and not graphs_supported(device):
+    if cuda_graphs not in (True, False, "auto"):
+        raise ValueError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+    cuda_graphs = cuda_graphs if cuda_graphs == "auto" else bool(cuda_graphs)
+    if cuda_graphs is True and not graphs_supported(device):
         raise ValueError(f"cuda_graphs=True needs a CUDA device and the compiled CUDA kernels; scoring runs on "
-                         f"{device} with the {_kernels.backend(device)!r} backend. Leave cuda_graphs off.")
+                         f"{device} with the {_kernels.backend(device)!r} backend. Leave cuda_graphs off (or 'auto').")
+    use_graphs = cuda_graphs is True or (cuda_graphs == "auto" and graphs_supported(device))
 
     current: Dict[str, Any] = {"held_bytes": 0}
     deepest = layer_ids[-1]
@@ -175,7 +181,7 @@ def score(
             )
 
     graphs = None
-    if cuda_graphs:
+    if use_graphs:
         # Inside a capture, autocast must not cache casts made outside it (torch's CUDA graph notes).
         graph_precision = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if autocast
                            else contextlib.nullcontext())
@@ -189,7 +195,8 @@ def score(
                 current["held_bytes"] = 0
                 raise
 
-        graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions)
+        graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions,
+                               probe=HostBoundProbe() if cuda_graphs == "auto" else None)
 
     was_training = model.training
     handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]
@@ -229,9 +236,12 @@ def score(
                     )
                 inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
                 try:
-                    if graphs is None or not graphs.run(inputs, weights, plan):
+                    if graphs is None:
                         run_forward({k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device),
                                     plan)
+                    else:
+                        graphs.run(inputs, weights, plan, lambda: run_forward(
+                            {k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device), plan))
                 except torch.OutOfMemoryError as error:
                     raise torch.OutOfMemoryError(
                         f"out of memory on {device} in batch {batch_index} ({batch['input_ids'].shape[0]} sequences "
@@ -243,6 +253,8 @@ def score(
                     elapsed = bar.format_dict.get("elapsed") or 0.0
                     bar.set_postfix(examples=stats.num_examples,
                                     per_s=f"{stats.num_examples / elapsed:.0f}" if elapsed else "-", refresh=False)
+        if graphs is not None:  # how the batches ran: report.stats.info["cuda_graphs"]
+            stats.info["cuda_graphs"] = graphs.summary()
         resume.finish()
         if is_distributed():
             all_reduce_statistics(stats)

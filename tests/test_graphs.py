@@ -7,6 +7,7 @@ address but the activations'), which is what a real graph would replay. That tes
 bookkeeping (padding, static inputs and plans, the device-side batch index, recapture when the
 statistics' buffers move) everywhere; the tests marked requires_cuda run real graphs.
 """
+import sys
 import types
 import warnings
 
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 import hsvfast
-from conftest import assert_same_statistics, requires_cuda
+from conftest import REPO, assert_same_statistics, requires_cuda
 from hsvfast import _kernels, graphs, scoring
-from tiny_models import DECODERS, ENCODERS, random_batches, tiny_model
+from tiny_models import DECODERS, ENCODERS, VOCAB, random_batches, tiny_model
 
 
 class _RecordingCore:
@@ -88,6 +89,13 @@ def mixed_length_batches(lengths=(5, 7, 8, 6, 10, 13, 16, 12, 5, 14), classes=3,
 def _counts(batches):
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     return dict(zip(*np.unique(labels, return_counts=True)))
+
+
+def test_how_the_batches_ran_is_saved_with_the_statistics(emulated, tmp_path):
+    report = hsvfast.score(tiny_model("bert").double(), mixed_length_batches(), cuda_graphs=True)
+    assert report.stats.info["cuda_graphs"] == {"replayed": 5, "captured": 2, "eager": 3}
+    report.stats.save(tmp_path / "s.safetensors")
+    assert hsvfast.load_statistics(tmp_path / "s.safetensors").info["cuda_graphs"] == report.stats.info["cuda_graphs"]
 
 
 @pytest.mark.parametrize("kind", ENCODERS + DECODERS)
@@ -204,8 +212,6 @@ def test_forwards_read_no_device_value_on_the_host_while_capturing(kind, monkeyp
     the forward on the meta device, where such reads raise, with transformers told that a capture is
     under way (it then skips its data-dependent shortcuts, like dropping an all-ones mask, which read
     the mask on the host — without that flag all but DeBERTa's forward fail here)."""
-    import sys
-
     import transformers.utils.import_utils as import_utils
 
     if not hasattr(import_utils, "is_cuda_stream_capturing"):
@@ -217,6 +223,74 @@ def test_forwards_read_no_device_value_on_the_host_while_capturing(kind, monkeyp
     batch = mixed_length_batches(lengths=(9,))[0]
     with torch.inference_mode():
         model(input_ids=batch["input_ids"].to("meta"), attention_mask=batch["attention_mask"].to("meta"))
+
+
+class _FakeEvent:
+    """A CUDA event whose elapsed time to another is ``device_over_host`` × the host time the probe
+    measured between them (the fake clock advances 10 ms per reading; the probe reads it twice between
+    its two events and counts one step as the host's time)."""
+
+    def __init__(self, timeline):
+        self.timeline = timeline
+
+    def record(self):
+        self.at = self.timeline["host"]
+
+    def query(self):
+        return self.timeline["arrived"]
+
+    def elapsed_time(self, end):  # milliseconds, as torch.cuda.Event gives them
+        return (end.at - self.at) / 2 * 1e3 * self.timeline["device_over_host"]
+
+
+def _fake_probe(timeline, **kwargs):
+    def clock():
+        timeline["host"] += 0.010  # every reading 10 ms later
+        return timeline["host"]
+
+    return graphs.HostBoundProbe(new_event=lambda: _FakeEvent(timeline), clock=clock, **kwargs)
+
+
+def test_probe_finds_a_host_bound_forward_only_once_its_timings_arrived():
+    timeline = {"host": 0.0, "arrived": False, "device_over_host": 1.02}
+    probe = _fake_probe(timeline, batches=3, skip=1)
+    ran = []
+    for i in range(5):
+        probe.time(lambda: ran.append(i))
+    assert ran == [0, 1, 2, 3, 4] and len(probe.pending) == 3  # batch 0 skipped, 4 not needed
+    assert probe.decide() is None  # still in flight: nothing waits for the device
+    timeline["arrived"] = True
+    assert probe.decide() is True and probe.ratios == pytest.approx([1.02] * 3)
+    device_bound = _fake_probe({"host": 0.0, "arrived": True, "device_over_host": 1.6}, batches=3, skip=0)
+    for _ in range(3):
+        device_bound.time(lambda: None)
+    assert device_bound.decide() is False
+
+
+@pytest.mark.parametrize("device_over_host", [1.0, 1.8], ids=["host_bound", "device_bound"])
+def test_auto_uses_graphs_only_for_a_host_bound_forward(device_over_host, emulated, monkeypatch):
+    timeline = {"host": 0.0, "arrived": True, "device_over_host": device_over_host}
+    monkeypatch.setattr(scoring, "HostBoundProbe", lambda: _fake_probe(timeline))
+    model = tiny_model("bert").double()
+    batches = mixed_length_batches(lengths=(8,) * 12)
+    eager = hsvfast.score(model, batches)
+    auto = hsvfast.score(model, batches, cuda_graphs="auto")
+    assert_same_statistics(auto.stats, eager.stats, rtol=1e-9)
+    counts = emulated[0].counts
+    if device_over_host < 1.1:  # batches 1-4 timed (0 skipped), decided at batch 5, captured, the rest replayed
+        assert counts["captured"] == 1 and counts["replayed"] == 6, counts
+        assert auto.stats.info["cuda_graphs"] == {"replayed": 6, "captured": 1, "eager": 5, "host_bound": True}
+    else:
+        assert counts["captured"] == 0 and "bound by the device" in emulated[0].disabled
+        assert auto.stats.info["cuda_graphs"]["host_bound"] is False
+
+
+def test_cuda_graphs_argument_is_checked():
+    with pytest.raises(ValueError, match="cuda_graphs must be True, False or 'auto'"):
+        hsvfast.score(tiny_model("bert"), random_batches(), cuda_graphs="always")
+    if not torch.cuda.is_available():  # "auto" where graphs cannot run: the eager pass
+        auto = hsvfast.score(tiny_model("bert"), random_batches(), cuda_graphs="auto")
+        assert auto.num_examples == 48
 
 
 def test_padding_never_passes_the_models_longest_input():
@@ -284,3 +358,39 @@ def test_cuda_graphs_under_bf16_autocast(kind):
     assert not warned and used.counts["replayed"] >= 10
     for name in eager.metrics:  # bf16 hidden states of differently padded attention
         np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=3e-2)
+
+
+class _DeviceHeavyModel(torch.nn.Module):
+    """Embedding + linear blocks, each keeping the device busy ``cycles`` (``torch.cuda._sleep``) first."""
+
+    def __init__(self, cycles: int, depth: int = 3, hidden: int = 32):
+        super().__init__()
+        self.cycles = cycles
+        self.embeddings = torch.nn.Embedding(VOCAB, hidden)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(depth))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hidden = self.embeddings(input_ids)
+        for block in self.layers:
+            if self.cycles:
+                torch.cuda._sleep(self.cycles)
+            hidden = block(hidden)
+        return hidden
+
+
+@requires_cuda
+@pytest.mark.parametrize("busy_ms", [0.0, 5.0], ids=["host_bound", "device_bound"])
+def test_auto_probe_on_the_device(busy_ms):
+    """A forward of tiny kernels keeps the device waiting for the host: "auto" uses graphs. Blocks that
+    keep the device busy 5 ms each (while the host launches them in microseconds): it does not."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from host_overhead import sleep_cycles
+
+    model = _DeviceHeavyModel(sleep_cycles(busy_ms) if busy_ms else 0).cuda()
+    batches = mixed_length_batches(lengths=(8,) * 12)
+    report = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs="auto")
+    info = report.stats.info["cuda_graphs"]
+    if busy_ms:
+        assert info["host_bound"] is False and info["replayed"] == 0, info
+    else:
+        assert info["host_bound"] is True and info["replayed"] >= 4, info
