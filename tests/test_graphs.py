@@ -8,6 +8,7 @@ bookkeeping (padding, static inputs and plans, the device-side batch index, reca
 statistics' buffers move) everywhere; the tests marked requires_cuda run real graphs.
 """
 import sys
+import time
 import types
 import warnings
 
@@ -388,7 +389,13 @@ def test_auto_probe_on_the_device(busy_ms):
 
     model = _DeviceHeavyModel(sleep_cycles(busy_ms) if busy_ms else 0).cuda()
     batches = mixed_length_batches(lengths=(8,) * 12)
-    report = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs="auto")
+
+    def loader():  # a loader slower than the device: the timings arrive before the probe is asked
+        for batch in batches:
+            time.sleep(0.05)
+            yield batch
+
+    report = hsvfast.score(model, loader(), blocks=model.layers, pooling="mean_all", cuda_graphs="auto")
     info = report.stats.info["cuda_graphs"]
     if busy_ms:
         assert info["host_bound"] is False and info["replayed"] == 0, info
