@@ -258,7 +258,7 @@ def main() -> None:
                         help="generated sentences (SST-2-like lengths) and a generated BERT-style tokenizer instead "
                              "of the data file and the model's tokenizer")
     parser.add_argument("--skip", default="",
-                        help="comma-separated methods to skip (paper, hand, hsvfast_e2e, paper_e2e)")
+                        help="comma-separated methods to skip (paper, hand, hsvfast_e2e, paper_e2e, graphs)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also profile hsvfast.score on N batches spread over the lengths; print its top kernels")
     args = parser.parse_args()
@@ -291,20 +291,22 @@ def main() -> None:
         "hsvfast.score, trace ratio only": lambda: hsvfast.score(model, batches, layers=layers,
                                                                  metrics=["trace_ratio"]).metrics["trace_ratio"],
     }
+    graphs = args.device == "cuda" and "graphs" not in skip
     if args.device == "cuda":
         # The launch path before this change, in the same run: one kernel launch per layer, as each block returns.
         methods["hsvfast.score, a launch per layer"] = launch_per_layer(methods["hsvfast.score"])
         # The mode many-class tasks run in (one class-balanced matrix per layer, updated every batch);
         # the labels are counted inside (warm_up runs every method on two batches only).
+        methods["hsvfast.score, class_counts given"] = lambda: hsvfast.score(
+            model, batches, layers=layers, class_counts=collections.Counter(
+                label for b in batches for label in b["labels"].tolist())).metrics["variability"]
+    if graphs:
         # The forward (and the pooling) replayed from a CUDA graph per padded batch shape (hsvfast.graphs).
         methods["hsvfast.score, CUDA graphs"] = lambda: hsvfast.score(
             model, batches, layers=layers, cuda_graphs=True).metrics["variability"]
         # Graphs only if a few timed eager batches show the forward waits for the host (hsvfast.graphs.HostBoundProbe).
         methods["hsvfast.score, CUDA graphs auto"] = lambda: hsvfast.score(
             model, batches, layers=layers, cuda_graphs="auto").metrics["variability"]
-        methods["hsvfast.score, class_counts given"] = lambda: hsvfast.score(
-            model, batches, layers=layers, class_counts=collections.Counter(
-                label for b in batches for label in b["labels"].tolist())).metrics["variability"]
     if "hand" in skip:
         methods.pop("hand-written (output_hidden_states)")
     if "paper" in skip:
@@ -339,7 +341,7 @@ def main() -> None:
     from_text = {  # once each, after the rounds (the paper's takes minutes)
         ours_e2e: (hsvfast_e2e, "hsvfast_e2e" not in skip),
         f"{ours_e2e[:-1]}, CUDA graphs)": (lambda: hsvfast_e2e(cuda_graphs=True),
-                                           "hsvfast_e2e" not in skip and args.device == "cuda"),
+                                           "hsvfast_e2e" not in skip and graphs),
         paper_e2e: (lambda: paper_end_to_end(model, tokenizer, *corpus(), layers),
                     "paper_e2e" not in skip and args.device == "cpu"),
     }
@@ -390,7 +392,7 @@ def main() -> None:
             print("  hand-written ν per layer (a d×d pinv of the rank-(C−1) Σ_b; it inverts round-off when a few "
                   f"dimensions carry huge means): {np.array2string(theirs, precision=3)}\n"
                   f"  hsvfast ν per layer (exact rank-(C−1) read-out): {np.array2string(ours, precision=3)}")
-    if args.device == "cuda":  # how each graph mode ran (batches replayed / captured / eager, the probe's verdict)
+    if graphs:  # how each graph mode ran (batches replayed / captured / eager, the probe's verdict)
         for mode in (True, "auto"):
             info = hsvfast.score(model, batches, layers=layers, cuda_graphs=mode).stats.info["cuda_graphs"]
             print(f"cuda_graphs={mode!r}: {info}")

@@ -39,6 +39,10 @@ export HSVFAST_EXPECT_CUDA_BUILD=1  # the compiled-CUDA check must run here, not
 within 180 && { (cd /tmp && timeout $T python3 -m pytest -q -p no:cacheprovider $XDIST --rootdir "$REPO" -c "$REPO/pyproject.toml" \
   "$REPO"/tests/test_{kernels,cuda,statistics,batching,graphs}.py -k "not never_waits" 2>&1 \
   | tee "$LOG/tests.log" | tail -15) || status=1; }
+# If real CUDA graphs failed their tests, the end-to-end runs leave them out (a crash there would cost
+# the other methods' timings).
+E2E_SKIP=paper
+grep -qE "^(FAILED|ERROR) .*test_graphs" "$LOG/tests.log" 2>/dev/null && E2E_SKIP=paper,graphs && echo "graphs left out of the end-to-end runs"
 # The overlap check times the device: alone on it, not next to the parallel workers above.
 within 90 && { (cd /tmp && timeout $T python3 -m pytest -q -p no:cacheprovider --rootdir "$REPO" -c "$REPO/pyproject.toml" \
   "$REPO"/tests/test_cuda.py -k "never_waits" 2>&1 \
@@ -53,13 +57,13 @@ within 60 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/kernels.py" --de
 
 step "end to end, BERT-large-size random weights, bf16"
 within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
-  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 7 --slow-rounds 1 --skip paper \
+  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 7 --slow-rounds 1 --skip $E2E_SKIP \
   --profile 8 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/e2e_bert_large.md") || status=1; }
 
 step "end to end, ~1B Llama-style random weights, bf16"
 within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
-  --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 5 --slow-rounds 1 --skip paper 2>&1 \
+  --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 5 --slow-rounds 1 --skip $E2E_SKIP 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/e2e_llama_1b.md") || status=1; }
 
 step "hsvfast's host time per batch and layer (a model whose blocks cost nothing)"
