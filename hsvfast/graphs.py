@@ -65,10 +65,11 @@ class HostBoundProbe:
     first folds allocate): host-bound when the median ``d / h`` is below ``ratio``.
     """
 
-    def __init__(self, batches: int = 4, ratio: float = 1.1, skip: int = 1, new_event=None, clock=None) -> None:
+    def __init__(self, device: Optional[torch.device] = None, batches: int = 4, ratio: float = 1.1, skip: int = 1,
+                 new_event=None, clock=None) -> None:
         import time
 
-        self.batches, self.ratio, self.skip = batches, ratio, skip
+        self.device, self.batches, self.ratio, self.skip = device, batches, ratio, skip
         self.new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
         self.clock = clock or time.perf_counter
         self.pending: list = []  # (start event, end event, host seconds) not read yet
@@ -82,11 +83,12 @@ class HostBoundProbe:
             run()
             return
         start, end = self.new_event(), self.new_event()
-        start.record()
+        stream = None if self.device is None else torch.cuda.current_stream(self.device)  # the pass's device
+        start.record(stream)
         began = self.clock()
         run()
         host = self.clock() - began
-        end.record()
+        end.record(stream)
         self.pending.append((start, end, host))
 
     def decide(self) -> Optional[bool]:

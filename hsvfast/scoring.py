@@ -196,7 +196,7 @@ def score(
                 raise
 
         graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions,
-                               probe=HostBoundProbe() if cuda_graphs == "auto" else None)
+                               probe=HostBoundProbe(device) if cuda_graphs == "auto" else None)
 
     was_training = model.training
     handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]

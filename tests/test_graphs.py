@@ -234,7 +234,7 @@ class _FakeEvent:
     def __init__(self, timeline):
         self.timeline = timeline
 
-    def record(self):
+    def record(self, stream=None):
         self.at = self.timeline["host"]
 
     def query(self):
@@ -271,7 +271,7 @@ def test_probe_finds_a_host_bound_forward_only_once_its_timings_arrived():
 @pytest.mark.parametrize("device_over_host", [1.0, 1.8], ids=["host_bound", "device_bound"])
 def test_auto_uses_graphs_only_for_a_host_bound_forward(device_over_host, emulated, monkeypatch):
     timeline = {"host": 0.0, "arrived": True, "device_over_host": device_over_host}
-    monkeypatch.setattr(scoring, "HostBoundProbe", lambda: _fake_probe(timeline))
+    monkeypatch.setattr(scoring, "HostBoundProbe", lambda device: _fake_probe(timeline))
     model = tiny_model("bert").double()
     batches = mixed_length_batches(lengths=(8,) * 12)
     eager = hsvfast.score(model, batches)
