@@ -117,13 +117,12 @@ def main() -> None:
         "default: ν + trace ratio (per-class second moments)": {},
         "class_counts given (one balanced second moment)": dict(class_counts=counts),
     }
+    if device.type == "cuda":
+        modes["default, CUDA graphs (the forward and pooling replayed)"] = dict(cuda_graphs=True)
     methods = {"bare forward": floor}
     for name, kwargs in modes.items():
         methods[name] = (lambda kw: lambda: hsvfast.score(model, data, **common, **kw))(kwargs)
     if device.type == "cuda":
-        name = "default, CUDA graphs (the forward and pooling replayed)"
-        modes[name] = dict(cuda_graphs=True)
-        methods[name] = lambda: hsvfast.score(model, data, **common, cuda_graphs=True)
         for name in list(modes)[:2]:
             modes[f"{name}, a launch per layer"] = modes[name]
             methods[f"{name}, a launch per layer"] = launch_per_layer(methods[name])

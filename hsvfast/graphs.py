@@ -30,6 +30,7 @@ and the padding adds device work.
 from __future__ import annotations
 
 import collections
+import time
 import warnings
 from typing import Callable, Dict, Mapping, Optional
 
@@ -67,8 +68,6 @@ class HostBoundProbe:
 
     def __init__(self, device: Optional[torch.device] = None, batches: int = 4, ratio: float = 1.1, skip: int = 1,
                  new_event=None, clock=None) -> None:
-        import time
-
         self.device, self.batches, self.ratio, self.skip = device, batches, ratio, skip
         self.new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
         self.clock = clock or time.perf_counter
@@ -78,8 +77,11 @@ class HostBoundProbe:
 
     def time(self, run: Callable[[], None]) -> None:
         """Run ``run`` (one eager batch), timing it when still needed."""
-        if self.skip > 0 or len(self.pending) + len(self.ratios) >= self.batches:
+        if self.skip > 0:
             self.skip -= 1
+            run()
+            return
+        if len(self.pending) + len(self.ratios) >= self.batches:  # enough timings on their way
             run()
             return
         start, end = self.new_event(), self.new_event()
@@ -139,7 +141,7 @@ class ForwardGraphs:
         self.counts = collections.Counter()  # batches "replayed", "captured", "eager" (for tests and benchmarks)
         self._stream = self._pool = None
 
-    # The two CUDA-specific operations; tests on machines without a GPU replace them.
+    # The CUDA-specific operations (new_graph, capture, warm_up); tests on machines without a GPU replace them.
     def new_graph(self):
         return torch.cuda.CUDAGraph()
 

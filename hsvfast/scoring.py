@@ -147,12 +147,15 @@ def score(
     held_acts: List[torch.Tensor] = []
     held_budget = _HOLD_BYTES.get(device.type, 0)
 
+    def drop_held() -> None:
+        held_positions.clear()
+        held_acts.clear()
+        current["held_bytes"] = 0
+
     def fold_held() -> None:
         if held_acts:
             stats.fold_layers(held_positions, held_acts, current["weights"], current["plan"])
-            held_positions.clear()
-            held_acts.clear()
-        current["held_bytes"] = 0
+        drop_held()
 
     def make_hook(position: int, layer: int):
         def hook(module, args, output):
@@ -190,9 +193,7 @@ def score(
             try:
                 run_forward(inputs, weights, plan, graph_precision)
             except BaseException:  # a failed capture: the hooks may hold outputs of the aborted forward
-                held_positions.clear()
-                held_acts.clear()
-                current["held_bytes"] = 0
+                drop_held()
                 raise
 
         graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions,
@@ -235,13 +236,15 @@ def score(
                         f"takes at most {max_positions}; tokenize with truncation=True, max_length={max_positions}"
                     )
                 inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+
+                def eager() -> None:  # this batch, copied to the device, through the eager forward
+                    run_forward({k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device), plan)
+
                 try:
                     if graphs is None:
-                        run_forward({k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device),
-                                    plan)
+                        eager()
                     else:
-                        graphs.run(inputs, weights, plan, lambda: run_forward(
-                            {k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device), plan))
+                        graphs.run(inputs, weights, plan, eager)
                 except torch.OutOfMemoryError as error:
                     raise torch.OutOfMemoryError(
                         f"out of memory on {device} in batch {batch_index} ({batch['input_ids'].shape[0]} sequences "
