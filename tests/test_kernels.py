@@ -150,6 +150,13 @@ def _layer_stack(device, dtype, count, batch=9, tokens=13, seed=1):
     return layers, weights.to(device), labels.to(device), out_rows.to(device)
 
 
+def _fold_layer_stack(layers, weights, labels, out_rows, **kwargs):
+    """``_kernels.pool_fold_layers`` over the dicts of :func:`_layer_stack`."""
+    _kernels.pool_fold_layers([a["act"] for a in layers], weights, [a["out"] for a in layers], labels, out_rows,
+                              [a["shift"] for a in layers], [a["sums"] for a in layers],
+                              [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers], **kwargs)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [2, 7, 50])  # 50: more layers than one CUDA launch takes (48)
@@ -164,9 +171,7 @@ def test_several_layers_in_one_call_match_the_reference_layer_by_layer(device, d
         _kernels.pool_fold(layer["act"], weights, layer["out"], labels=labels, out_rows=out_rows,
                            shift=layer["shift"], sums=layer["sums"], sqnorms=layer["sqnorms"],
                            nonfinite=layer["nonfinite"], batch_index=4, use="torch")
-    _kernels.pool_fold_layers([a["act"] for a in actual], weights, [a["out"] for a in actual], labels, out_rows,
-                              [a["shift"] for a in actual], [a["sums"] for a in actual],
-                              [a["sqnorms"] for a in actual], [a["nonfinite"] for a in actual], batch_index=4, use=use)
+    _fold_layer_stack(actual, weights, labels, out_rows, batch_index=4, use=use)
     unused_row = sorted(set(range(len(out_rows) + 1)) - set(out_rows.tolist()))
     for i, (a, e) in enumerate(zip(actual, expected)):
         bad = i == count - 1  # its sums hold the NaN
@@ -191,10 +196,7 @@ def test_batch_index_read_where_it_lies(device, use, count):
     layers[-1]["act"] = layers[-1]["act"].clone()
     layers[-1]["act"][0, 0, 3] = float("nan")
     at = torch.tensor([17], dtype=torch.int64, device=device)
-    _kernels.pool_fold_layers([a["act"] for a in layers], weights, [a["out"] for a in layers], labels, out_rows,
-                              [a["shift"] for a in layers], [a["sums"] for a in layers],
-                              [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers], batch_index=4,
-                              use=use, batch_index_at=at)
+    _fold_layer_stack(layers, weights, labels, out_rows, batch_index=4, use=use, batch_index_at=at)
     assert [int(a["nonfinite"].item()) for a in layers] == [_kernels.NO_BAD_BATCH] * (count - 1) + [17]
 
 
@@ -202,9 +204,7 @@ def test_several_layers_must_share_batch_and_tokens():
     layers, weights, labels, out_rows = _layer_stack("cpu", torch.float32, 2)
     layers[1]["act"] = layers[1]["act"][:, :5]
     with pytest.raises(ValueError, match="same batch, tokens"):
-        _kernels.pool_fold_layers([a["act"] for a in layers], weights, [a["out"] for a in layers], labels, out_rows,
-                                  [a["shift"] for a in layers], [a["sums"] for a in layers],
-                                  [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers])
+        _fold_layer_stack(layers, weights, labels, out_rows)
 
 
 def test_reference_pools_by_hand():
