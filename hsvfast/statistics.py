@@ -505,6 +505,15 @@ class Statistics:
             for position, act in zip(positions, acts):
                 self.fold_layers([position], [act], weights, plan)
             return
+        tensors = plan.device_tensors
+        where = tensors["class_ids"].device
+        if acts[0].device != where or weights.device != where:
+            # The kernels take raw pointers: a buffer on another device would be read as garbage (or crash).
+            raise ValueError(
+                f"activations on {acts[0].device} and token weights on {weights.device}, but these statistics "
+                f"and their batch plan live on {self.device}: move the activations and weights there "
+                f"(or create Statistics(..., device={str(acts[0].device)!r}))"
+            )
         layers = []
         for position, act in zip(positions, acts):
             m = self.moments[position]
@@ -513,7 +522,6 @@ class Statistics:
             for cid, row in plan.new_classes:
                 _kernels.pool_fold(act[row : row + 1], weights[row : row + 1], m.shift[cid : cid + 1])
             layers.append(m)
-        tensors = plan.device_tensors
         if self.mode == "per_class":  # rows go to the staging buffers; flushes make the Gram updates
             outs = self._staging_buffers(positions, layers)
         else:

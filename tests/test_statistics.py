@@ -46,8 +46,9 @@ def accumulate(tokens, labels, order, batch_size, padding="right", dtype=torch.f
         poolable = np.array([i not in unpoolable for i in order[start : start + batch_size]])
         weights[~torch.from_numpy(poolable)] = 0.0
         plan = stats.plan_batch(batch_labels, poolable)
+        act, weights = act.to(stats.device, dtype), weights.to(stats.device)
         for position in range(2):
-            stats.fold(position, act.to(dtype) * (position + 1), weights, plan)
+            stats.fold(position, act * (position + 1), weights, plan)
         stats.finish_batch(plan)
     if complete:
         stats.check_complete()
@@ -69,9 +70,9 @@ def summary(stats, position=0):
         directions = torch.linalg.qr(torch.randn(means.shape[1], 3, dtype=torch.float64,
                                                  generator=torch.Generator().manual_seed(0)))[0]
         result["within_quadratic"] = moments.within_quadratic(directions)
-        torch.testing.assert_close(result["within_quadratic"],
-                                   ((result["within"] @ directions) * directions).sum(0), rtol=1e-9, atol=0)
-    return result
+        torch.testing.assert_close(result["within_quadratic"].cpu(),
+                                   ((result["within"].cpu() @ directions) * directions).sum(0), rtol=1e-9, atol=0)
+    return {key: value.cpu() for key, value in result.items()}  # comparable with statistics on any device
 
 
 def assert_same(a, b, rtol=1e-9):
@@ -142,16 +143,34 @@ def test_layers_of_one_width_get_one_batched_gram_update_per_class(device, monke
     stacked.save(tmp_path / "stacked.safetensors")
     monkeypatch.setattr(statistics_module.Statistics, "_intact_stack", lambda self: None)
     per_layer = accumulate(tokens, labels, order, 7, device=device)
+    rtol = 1e-12 if device == "cpu" else 1e-10  # a GPU's float64 atomics add the sums in any order
     for position in range(2):
-        assert_same(summary(stacked, position), summary(per_layer, position), rtol=1e-12)
-        loaded = load_statistics(tmp_path / "stacked.safetensors")
-        assert_same(summary(loaded, position), summary(per_layer, position), rtol=1e-12)
+        assert_same(summary(stacked, position), summary(per_layer, position), rtol=rtol)
+        loaded = load_statistics(tmp_path / "stacked.safetensors", device=device)
+        assert_same(summary(loaded, position), summary(per_layer, position), rtol=rtol)
     monkeypatch.undo()
     half = len(order) // 2
     merged = accumulate(tokens, labels, order[:half], 7, device=device, complete=False)
     merged.merge(accumulate(tokens, labels, order[half:], 7, device=device, complete=False))
     for position in range(2):
         assert_same(summary(merged, position), summary(per_layer, position), rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activations_on_another_device_are_refused(device):
+    """The kernels take raw pointers: activations or weights elsewhere than the statistics are an error
+    (a CPU kernel handed a GPU buffer would crash; the GPU run of this suite once did)."""
+    stats = Statistics([0], device=device)
+    plan = stats.plan_batch([0, 1], np.ones(2, bool))
+    elsewhere = "meta" if device == "cpu" else "cpu"
+    act, weights = torch.zeros(2, 3, DIM, device=elsewhere), torch.ones(2, 3, device=elsewhere)
+    with pytest.raises(ValueError, match=r"activations on (meta|cpu).*move the activations and weights there"):
+        stats.fold(0, act, weights, plan)
+    with pytest.raises(ValueError, match=r"token weights on (meta|cpu)"):
+        stats.fold(0, torch.zeros(2, 3, DIM, device=device), weights, plan)
+    stats.fold(0, torch.ones(2, 3, DIM, device=device), torch.ones(2, 3, device=device), plan)  # the right place works
+    stats.finish_batch(plan)
+    assert stats.class_moments(0).counts.tolist() == [1, 1]
 
 
 def test_layers_of_another_width_keep_their_own_second_moments():
