@@ -55,8 +55,7 @@ RunForward = Callable[[Dict[str, torch.Tensor], torch.Tensor, BatchPlan], None]
 
 
 class HostBoundProbe:
-    """Whether an eager forward is bound by the host, timed on a few eager batches without waiting
-    for the device.
+    """Whether an eager forward is bound by the host, timed on a few eager batches.
 
     Around each timed batch: the host's time to enqueue it (``h``) and, from CUDA events recorded
     before and after, the device's time from the first to the last of its kernels (``d``). When the
@@ -64,13 +63,18 @@ class HostBoundProbe:
     ``d`` ≈ ``h``; when the device is, its kernels queue up and ``d`` > ``h``. Graphs pay only in the
     first case. The verdict comes once ``batches`` timings have arrived (after ``skip`` batches: the
     first folds allocate): host-bound when the median ``d / h`` is below ``ratio``.
+
+    Each timed batch starts on an idle device (``synchronize``, a few times per call): a host that
+    ran ahead of a busy device is held back once the launch queue fills, and its ``h`` would then
+    equal ``d`` — the device-bound Llama ~1B of gpu_check run 5 was judged host-bound that way.
     """
 
     def __init__(self, device: Optional[torch.device] = None, batches: int = 4, ratio: float = 1.1, skip: int = 1,
-                 new_event=None, clock=None) -> None:
+                 new_event=None, clock=None, synchronize=None) -> None:
         self.device, self.batches, self.ratio, self.skip = device, batches, ratio, skip
         self.new_event = new_event or (lambda: torch.cuda.Event(enable_timing=True))
         self.clock = clock or time.perf_counter
+        self.synchronize = synchronize or (lambda: torch.cuda.synchronize(self.device))
         self.pending: list = []  # (start event, end event, host seconds) not read yet
         self.ratios: list = []
         self.verdict: Optional[bool] = None
@@ -86,6 +90,7 @@ class HostBoundProbe:
             return
         start, end = self.new_event(), self.new_event()
         stream = None if self.device is None else torch.cuda.current_stream(self.device)  # the pass's device
+        self.synchronize()  # an empty queue: the host's time is its own, not waits for queue slots
         start.record(stream)
         began = self.clock()
         run()

@@ -249,7 +249,11 @@ def _fake_probe(timeline, **kwargs):
         timeline["host"] += 0.010  # every reading 10 ms later
         return timeline["host"]
 
-    return graphs.HostBoundProbe(new_event=lambda: _FakeEvent(timeline), clock=clock, **kwargs)
+    def synchronize():
+        timeline.setdefault("synchronized", []).append(timeline["host"])
+
+    return graphs.HostBoundProbe(new_event=lambda: _FakeEvent(timeline), clock=clock, synchronize=synchronize,
+                                 **kwargs)
 
 
 def test_probe_finds_a_host_bound_forward_only_once_its_timings_arrived():
@@ -259,6 +263,9 @@ def test_probe_finds_a_host_bound_forward_only_once_its_timings_arrived():
     for i in range(5):
         probe.time(lambda: ran.append(i))
     assert ran == [0, 1, 2, 3, 4] and len(probe.pending) == 3  # batch 0 skipped, 4 not needed
+    # The device was idle when each timed batch began (and only then: the other batches never wait).
+    assert timeline["synchronized"] == [0.0, 0.02, 0.04]
+    assert [start.at for start, _, _ in probe.pending] == [0.0, 0.02, 0.04]
     assert probe.decide() is None  # still in flight: nothing waits for the device
     timeline["arrived"] = True
     assert probe.decide() is True and probe.ratios == pytest.approx([1.02] * 3)
@@ -350,11 +357,12 @@ def test_cuda_graphs_under_bf16_autocast(kind):
 
 
 class _DeviceHeavyModel(torch.nn.Module):
-    """Embedding + linear blocks, each keeping the device busy ``cycles`` (``torch.cuda._sleep``) first."""
+    """Embedding + linear blocks, each keeping the device busy ``cycles`` (``torch.cuda._sleep``) first,
+    then launching ``launches`` tiny kernels more."""
 
-    def __init__(self, cycles: int, depth: int = 3, hidden: int = 32):
+    def __init__(self, cycles: int, depth: int = 3, hidden: int = 32, launches: int = 0):
         super().__init__()
-        self.cycles = cycles
+        self.cycles, self.launches = cycles, launches
         self.embeddings = torch.nn.Embedding(VOCAB, hidden)
         self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(depth))
 
@@ -363,19 +371,25 @@ class _DeviceHeavyModel(torch.nn.Module):
         for block in self.layers:
             if self.cycles:
                 torch.cuda._sleep(self.cycles)
+            for _ in range(self.launches):
+                hidden = hidden * 1.0
             hidden = block(hidden)
         return hidden
 
 
 @requires_cuda
-@pytest.mark.parametrize("busy_ms", [0.0, 5.0], ids=["host_bound", "device_bound"])
-def test_auto_probe_on_the_device(busy_ms):
+@pytest.mark.parametrize("busy_ms, depth, launches, slow_loader",
+                         [(0.0, 3, 0, True), (5.0, 3, 0, True), (2.0, 8, 200, False)],
+                         ids=["host_bound", "device_bound", "device_bound_host_ahead"])
+def test_auto_probe_on_the_device(busy_ms, depth, launches, slow_loader):
     """A forward of tiny kernels keeps the device waiting for the host: "auto" uses graphs. Blocks that
-    keep the device busy 5 ms each (while the host launches them in microseconds): it does not."""
+    keep the device busy 5 ms each (while the host launches them in microseconds): it does not. Nor
+    when the host, launching ~1,600 kernels per batch to a device busy 16 ms per batch, runs ahead
+    until the launch queue is full and then waits for it (gpu_check run 5's Llama ~1B)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from host_overhead import sleep_cycles
 
-    model = _DeviceHeavyModel(sleep_cycles(busy_ms) if busy_ms else 0).cuda()
+    model = _DeviceHeavyModel(sleep_cycles(busy_ms) if busy_ms else 0, depth=depth, launches=launches).cuda()
     batches = mixed_length_batches(lengths=(8,) * 12)
 
     def loader():  # a loader slower than the device: the timings arrive before the probe is asked
@@ -383,7 +397,8 @@ def test_auto_probe_on_the_device(busy_ms):
             time.sleep(0.05)
             yield batch
 
-    report = hsvfast.score(model, loader(), blocks=model.layers, pooling="mean_all", cuda_graphs="auto")
+    report = hsvfast.score(model, loader() if slow_loader else batches, blocks=model.layers, pooling="mean_all",
+                           cuda_graphs="auto")
     info = report.stats.info["cuda_graphs"]
     if busy_ms:
         assert info["host_bound"] is False and info["replayed"] == 0, info
