@@ -66,7 +66,7 @@ class HostBoundProbe:
 
     Each timed batch starts on an idle device (``synchronize``, a few times per call): a host that
     ran ahead of a busy device is held back once the launch queue fills, and its ``h`` would then
-    equal ``d`` — the device-bound Llama ~1B of gpu_check run 5 was judged host-bound that way.
+    equal ``d`` (most likely why gpu_check run 5 judged a device-bound Llama ~1B host-bound).
     """
 
     def __init__(self, device: Optional[torch.device] = None, batches: int = 4, ratio: float = 1.1, skip: int = 1,
