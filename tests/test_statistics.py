@@ -69,7 +69,7 @@ def summary(stats, position=0):
         result["within"] = moments.within_matrix()
         directions = torch.linalg.qr(torch.randn(means.shape[1], 3, dtype=torch.float64,
                                                  generator=torch.Generator().manual_seed(0)))[0]
-        result["within_quadratic"] = moments.within_quadratic(directions)
+        result["within_quadratic"] = moments.within_quadratic(directions.to(means.device))
         torch.testing.assert_close(result["within_quadratic"].cpu(),
                                    ((result["within"].cpu() @ directions) * directions).sum(0), rtol=1e-9, atol=0)
     return {key: value.cpu() for key, value in result.items()}  # comparable with statistics on any device
