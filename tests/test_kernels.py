@@ -248,6 +248,65 @@ def test_cuda_kernel_runs_on_current_stream_without_sync():
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-9)
 
 
+def test_kernel_variant_switch_is_scoped_and_checked():
+    if not _kernels.compiled_with_cuda():
+        with pytest.raises(RuntimeError, match="no CUDA kernels"):
+            with _kernels.cuda_kernel_variant(1):
+                pass
+        return
+    assert _kernels._C.cuda_kernel_variant() == 0
+    with _kernels.cuda_kernel_variant(1):
+        assert _kernels._C.cuda_kernel_variant() == 1
+    assert _kernels._C.cuda_kernel_variant() == 0
+    with pytest.raises(ValueError, match="variant must be 0"):
+        with _kernels.cuda_kernel_variant(2):
+            pass
+    assert _kernels._C.cuda_kernel_variant() == 0
+
+
+def _pool_fold_kernels_launched(fn):
+    """Names of the pool-and-fold CUDA kernels ``fn`` launched (from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.name for event in prof.events() if "pool_fold_kernel" in event.name}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7, 33, 257, 777])  # 777: groups of 32 tokens per warp, the last partial
+def test_kernel_variants_give_the_default_bits(dtype, tokens):
+    """Variant 1 (each warp's token weights loaded 32 at a time, shared by shuffles) pools the same
+    tokens in the same order: the pooled rows equal the default kernel's to the bit, class sums and
+    squared norms up to the order of their float64 atomics. Also over a stack of layers of both
+    code paths (the generic one keeps the default loop)."""
+    act, case = make_case("cuda", dtype, batch=9, tokens=tokens, dim=264)  # 264: 16-byte loads in every dtype
+    default = run(act, case, "cuda")
+    with _kernels.cuda_kernel_variant(1):
+        variant = run(act, case, "cuda")
+        launched = _pool_fold_kernels_launched(lambda: run(act, case, "cuda"))
+    assert launched and all("true,true>" in name.replace(" ", "") for name in launched), launched  # <T, 16 B, variant>
+    assert torch.equal(variant[0], default[0])
+    for got, expected in zip(variant[1:3], default[1:3]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
+    assert variant[3] == default[3] == _kernels.NO_BAD_BATCH
+
+    stacks = {}
+    for variant_id in (0, 1):
+        layers, weights, labels, out_rows = _layer_stack("cuda", dtype, 7, tokens=tokens)
+        with _kernels.cuda_kernel_variant(variant_id):
+            _fold_layer_stack(layers, weights, labels, out_rows)
+        stacks[variant_id] = layers
+    for mine, theirs in zip(stacks[1], stacks[0]):
+        assert torch.equal(mine["out"].nan_to_num(7.0), theirs["out"].nan_to_num(7.0))
+        for name in ("sums", "sqnorms"):
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-12,
+                                       atol=1e-12 * float(theirs[name].abs().max()))
+        assert torch.equal(mine["nonfinite"], theirs["nonfinite"])
+
+
 def test_rejects_unsupported_input():
     act = torch.zeros(2, 3, 4, dtype=torch.int32)
     out = torch.zeros(2, 4, dtype=torch.float64)
