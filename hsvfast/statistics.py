@@ -618,8 +618,9 @@ class Statistics:
                 )
 
     def add_features(self, features: torch.Tensor, labels: Sequence[Hashable], position: int = 0) -> None:
-        """Fold a (N, d) matrix of already pooled features of one layer (one batch)."""
-        features = torch.as_tensor(features)
+        """Fold a (N, d) matrix (NumPy or torch, on any device) of already pooled features of one
+        layer (one batch); they are copied to the statistics' device first."""
+        features = torch.as_tensor(features).to(self.device)
         if not features.is_floating_point():
             features = features.to(torch.float64)
         weights = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)

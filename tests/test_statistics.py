@@ -173,6 +173,22 @@ def test_activations_on_another_device_are_refused(device):
     assert stats.class_moments(0).counts.tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_features_from_anywhere_are_added_on_the_statistics_device(device):
+    """add_features takes NumPy or a tensor on any device (the kernels would misread another
+    device's buffer): same ν as the reference either way."""
+    tokens, labels = corpus(seed=5, n=40, classes=3)
+    pooled = np.stack([t.mean(0) for t in tokens])
+    expected = ref.rank_aware_variability(pooled, labels)
+    sources = [pooled, torch.from_numpy(pooled)] + ([torch.from_numpy(pooled).cuda()] if device == "cuda" else [])
+    for source in sources:
+        for where in {device, "cpu"}:
+            stats = Statistics([0], device=where)
+            stats.add_features(source, labels.tolist())
+            got = layer_metrics(stats.class_moments(0))["variability"]
+            assert ref.relative_error(got, expected) <= 1e-9, (type(source), where)
+
+
 def test_layers_of_another_width_keep_their_own_second_moments():
     tokens, labels = corpus(seed=4, n=60, classes=3)
     pooled = np.stack([t.mean(0) for t in tokens])
