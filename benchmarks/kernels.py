@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated activation dtypes")
     args = parser.parse_args()
     # Small: one case for each CUDA path (hidden size 131: generic; 264: 16-byte loads).
     cases = [(4, 7, 131), (3, 37, 264)] if args.small else CASES
@@ -102,9 +103,10 @@ def main() -> None:
           "copy read GB/s | kernel/copy read | one eager launch ms |"
           + (" variant 1 ms | variant 1 / default |" if variants else ""))
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if variants else ""))
-    runs = [(case, dtype, False) for case in cases for dtype in (torch.float32, torch.bfloat16)]
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    runs = [(case, dtype, False) for case in cases for dtype in dtypes]
     if not args.small:
-        runs += [((64, 128, 1024), dtype, True) for dtype in (torch.float32, torch.bfloat16)]
+        runs += [((64, 128, 1024), dtype, True) for dtype in dtypes]
     for (batch, tokens, dim), dtype, misaligned in runs:
         act, weights, labels, out_rows, state = make(batch, tokens, dim, dtype, args.device, misaligned=misaligned)
         copies = max(1, min(LAUNCHES, -(-ROTATE_BYTES // (act.numel() * act.element_size()))))

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define HSVFAST_HD __host__ __device__ __forceinline__
 #else
 #define HSVFAST_HD inline
@@ -11,31 +12,38 @@
 
 namespace hsvfast {
 
-HSVFAST_HD float bits_to_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+// The bits of one type read as another of the same size (std::bit_cast is C++20); memcpy compiles to a move,
+// on the device too.
+template <typename To, typename From>
+HSVFAST_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
 }
+
+HSVFAST_HD float bits_to_float(uint32_t bits) { return bit_cast<float>(bits); }
 
 HSVFAST_HD float bfloat16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
-// IEEE binary16 -> binary32, exact for normals, subnormals, inf and NaN.
+// IEEE binary16 -> binary32, exact for every input (normals, subnormals, signed zeros, inf, NaN
+// payloads). Branch-free, so loops over half rows vectorise: each case is computed and one is selected.
+// Subnormals go through an integer -> float conversion, never through a float subnormal, so the result
+// does not depend on flush-to-zero / denormals-are-zero modes. On a GPU, the hardware conversion (exact too).
 HSVFAST_HD float float16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    if (mantissa == 0) return bits_to_float(sign);
-    // Subnormal: value = mantissa * 2^-24, exact in float.
-    const float magnitude = float(mantissa) * 5.9604644775390625e-08f;
-    return sign ? -magnitude : magnitude;
-  }
-  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  const uint32_t magnitude = h & 0x7fffu;                              // exponent and mantissa
+  const uint32_t normal = (magnitude << 13) + (112u << 23);            // rebias 15 -> 127
+  const uint32_t special = (magnitude << 13) | 0x7f800000u;            // exponent 31: inf or NaN (payload kept)
+  const uint32_t subnormal = bit_cast<uint32_t>(float(magnitude) * 5.9604644775390625e-08f);  // mantissa * 2^-24
+  const uint32_t is_subnormal = 0u - uint32_t(magnitude < 0x400u);  // all ones or all zeros: selects by masking,
+  const uint32_t is_special = 0u - uint32_t(magnitude >= 0x7c00u);   // where a ?: chain became branches
+  const uint32_t bits = (subnormal & is_subnormal) | (special & is_special) | (normal & ~(is_subnormal | is_special));
+  return bits_to_float(sign | bits);
+#endif
 }
 
 template <typename Storage>

@@ -30,11 +30,17 @@ void axpy_bf16(double w, const uint16_t* __restrict x, double* __restrict acc, i
   for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(bfloat16_to_float(x[d]));
 }
 
+HSVFAST_MULTIVERSION
+void axpy_f16(double w, const uint16_t* __restrict x, double* __restrict acc, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(float16_to_float(x[d]));
+}
+
 inline double widen(float v) { return double(v); }
-inline double widen(uint16_t bfloat16_bits) { return double(bfloat16_to_float(bfloat16_bits)); }
+inline double widen(BFloat16 v) { return double(bfloat16_to_float(v.bits)); }
+inline double widen(Half v) { return double(float16_to_float(v.bits)); }
 
 // Four tokens per pass over acc: a quarter of the float64 load/store traffic of one-at-a-time.
-// One body for both dtypes, inlined into each multi-versioned entry point below.
+// One body for every 16- and 32-bit dtype, inlined into each multi-versioned entry point below.
 template <typename T>
 __attribute__((always_inline)) inline void axpy4_body(const double* w, const T* const* x, double* __restrict acc,
                                                       int64_t n) {
@@ -51,7 +57,12 @@ HSVFAST_MULTIVERSION
 void axpy4_f32(const double* w, const float* const* x, double* __restrict acc, int64_t n) { axpy4_body(w, x, acc, n); }
 
 HSVFAST_MULTIVERSION
-void axpy4_bf16(const double* w, const uint16_t* const* x, double* __restrict acc, int64_t n) {
+void axpy4_bf16(const double* w, const BFloat16* const* x, double* __restrict acc, int64_t n) {
+  axpy4_body(w, x, acc, n);
+}
+
+HSVFAST_MULTIVERSION
+void axpy4_f16(const double* w, const Half* const* x, double* __restrict acc, int64_t n) {
   axpy4_body(w, x, acc, n);
 }
 
@@ -64,7 +75,12 @@ inline bool axpy4<float>(const double* w, const float* const* x, double* acc, in
 }
 template <>
 inline bool axpy4<BFloat16>(const double* w, const BFloat16* const* x, double* acc, int64_t n) {
-  axpy4_bf16(w, reinterpret_cast<const uint16_t* const*>(x), acc, n);
+  axpy4_bf16(w, x, acc, n);
+  return true;
+}
+template <>
+inline bool axpy4<Half>(const double* w, const Half* const* x, double* acc, int64_t n) {
+  axpy4_f16(w, x, acc, n);
   return true;
 }
 
@@ -77,6 +93,10 @@ inline void axpy<float>(double w, const float* x, double* acc, int64_t n) { axpy
 template <>
 inline void axpy<BFloat16>(double w, const BFloat16* x, double* acc, int64_t n) {
   axpy_bf16(w, reinterpret_cast<const uint16_t*>(x), acc, n);
+}
+template <>
+inline void axpy<Half>(double w, const Half* x, double* acc, int64_t n) {
+  axpy_f16(w, reinterpret_cast<const uint16_t*>(x), acc, n);
 }
 
 // Hidden dimensions accumulated together: the float64 partial sums (4 KiB) stay in L1 while

@@ -108,6 +108,24 @@ def test_nan_in_padding_is_never_read_but_nan_in_tokens_is_reported(device, use)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 4, 5])  # 4 and 5: the CPU's four-token loop, and its remainder
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_every_16_bit_value_is_widened_exactly(device, dtype, tokens, layout):
+    """All 65,536 bit patterns (normals, subnormals, ±0, ±inf, NaNs) pooled from equal tokens come out as
+    PyTorch's own conversion to float64: nothing is flushed, rounded or lost."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(128, 1, 512)
+    act = values.expand(128, tokens, 512).to(device)
+    if layout == "transposed":  # hidden dimension not innermost: the generic (strided) paths
+        act = act.transpose(1, 2).contiguous().transpose(1, 2)
+    out = torch.full((128, 512), 7.0, dtype=torch.float64, device=device)
+    weights = torch.ones(128, tokens, device=device)
+    _kernels.pool_fold(act, weights, out, labels=torch.zeros(128, dtype=torch.int64, device=device),
+                       use=compiled_backend(device))
+    torch.testing.assert_close(out.cpu(), values[:, 0].double(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_pooling_without_statistics(device):
     act, case = make_case(device, torch.bfloat16)
     expected = run(act, case, "torch", with_stats=False)[0]
