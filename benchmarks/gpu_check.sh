@@ -57,7 +57,7 @@ within 120 && { (cd /tmp && timeout $T compute-sanitizer --tool memcheck --error
   python3 "$REPO/benchmarks/kernels.py" --device cuda --small --repeats 2 >"$LOG/sanitizer.log" 2>&1; rc=$?; tail -6 "$LOG/sanitizer.log"; exit $rc) || status=1; }
 
 step "kernel throughput"
-within 60 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/kernels.py" --device cuda 2>&1 | tee "$LOG/kernels.md") || status=1; }
+within 60 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/kernels.py" --device cuda --dtypes float32,bfloat16,float16 2>&1 | tee "$LOG/kernels.md") || status=1; }
 
 step "end to end, BERT-large-size random weights, bf16"
 within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \

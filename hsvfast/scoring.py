@@ -79,7 +79,8 @@ def score(
         strict: raise instead of skipping sequences with no token to pool.
         blocks: the model's ``nn.ModuleList`` of blocks, if it cannot be found.
         max_memory: bytes allowed for per-class second moments (and their staging buffers), all
-            layers together.
+            layers together. When new classes make them grow, the old and the new tensors coexist
+            during the copy: for a moment up to 1.5× the new size (at a doubling).
         autocast: run the forward under bfloat16 autocast. Default: on for a float32
             model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
         metrics: which metrics to compute (default ``["variability", "trace_ratio"]``);
