@@ -61,7 +61,7 @@ within 60 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/kernels.py" --de
 
 step "end to end, BERT-large-size random weights, bf16"
 within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
-  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 7 --slow-rounds 1 --skip $E2E_SKIP \
+  --model bert-large-random --synthetic --examples 16384 --batch-size 128 --rounds 5 --slow-rounds 1 --skip $E2E_SKIP \
   --profile 8 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/e2e_bert_large.md") || status=1; }
 
