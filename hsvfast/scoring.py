@@ -203,15 +203,16 @@ def score(
     was_training = model.training
     handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]
     warned_empty = False
+    bar = None
     try:
         if device != original_device:
             model.to(device)
         model.eval()
-        bar = _progress(loader, progress)
+        bar = _progress_bar(loader, progress, done=resume.batches_done)
         with torch.inference_mode():
             # Each batch is prepared (its host facts copied back, if it lives on a GPU) while the one
             # before it is scored: see hsvfast.prefetch.
-            prepared_stream = prepared_batches(bar, pooling, special_ids, skip=resume.skip, pin=device.type == "cuda")
+            prepared_stream = prepared_batches(loader, pooling, special_ids, skip=resume.skip, pin=device.type == "cuda")
             for prepared in read_ahead(prepared_stream):
                 batch_index, batch, weights = prepared.index, prepared.batch, prepared.weights
                 labels, poolable = prepared.labels_and_poolable()
@@ -253,10 +254,11 @@ def score(
                     ) from error
                 stats.finish_batch(plan)
                 resume.after_batch(batch_index, batch)
-                if progress and hasattr(bar, "set_postfix"):
+                if bar is not None:  # counts scored batches (the loader is read one batch ahead)
                     elapsed = bar.format_dict.get("elapsed") or 0.0
                     bar.set_postfix(examples=stats.num_examples,
                                     per_s=f"{stats.num_examples / elapsed:.0f}" if elapsed else "-", refresh=False)
+                    bar.update(1)
         if graphs is not None:  # how the batches ran: report.stats.info["cuda_graphs"]
             stats.info["cuda_graphs"] = graphs.summary()
         resume.finish()
@@ -264,6 +266,8 @@ def score(
             all_reduce_statistics(stats)
         stats.check_complete()
     finally:
+        if bar is not None:
+            bar.close()
         if graphs is not None:
             graphs.close()
         for handle in handles:
@@ -475,9 +479,11 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
     return None
 
 
-def _progress(loader: Iterable, enabled: bool) -> Iterable:
+def _progress_bar(loader: Iterable, enabled: bool, done: int = 0) -> Any:
+    """A bar over the batches, advanced as each is scored (None when disabled); ``done``: resumed batches."""
     if not enabled:
-        return loader
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc="hsvfast", unit="batch", total=len(loader) if hasattr(loader, "__len__") else None)
+    return tqdm(desc="hsvfast", unit="batch", total=len(loader) if hasattr(loader, "__len__") else None,
+                initial=done)

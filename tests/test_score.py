@@ -186,6 +186,16 @@ def test_forward_stops_after_deepest_layer_and_cleans_up(kind):
     assert model.training  # mode restored
 
 
+def test_progress_bar_counts_scored_batches_and_examples(capsys):
+    # The loader is read one batch ahead: a bar over the loader closed before the last batch was scored
+    # and printed the examples of all batches but the last.
+    batches = random_batches(num_batches=4, batch_size=5)
+    report = hsvfast.score(tiny_model("bert"), batches, progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert report.num_examples == 20
+    assert "4/4" in final and "examples=20" in final, final
+
+
 def test_hooks_removed_and_mode_restored_after_an_error():
     model = tiny_model("bert").train()
     batches = random_batches(num_batches=2)
