@@ -12,7 +12,7 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -56,10 +56,20 @@ def write_atomically(path: Path, write) -> None:
     """Call ``write(temporary_path)``, fsync, then rename over ``path``: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    # Created exclusively (the name is never someone else's file) and like any file the user writes:
+    # mode 0o666 less the umask. Writers may recreate it with 0o600 (safetensors does, as mkstemp would),
+    # which would leave a saved file unreadable to the user's group: the mode is set again after writing.
+    while True:
+        temporary = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
+        mode = os.stat(temporary).st_mode & 0o777
         write(temporary)
+        os.chmod(temporary, mode)
         with open(temporary, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -36,6 +36,19 @@ def test_save_load_round_trip(tmp_path):
     assert again.pooling == "mean" and again.num_blocks == 4 and loaded.info["model_class"] == "BertModel"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_permissions_of_any_file_the_user_writes(tmp_path, umask):
+    stats = hsvfast.score(tiny_model("bert"), random_batches(num_batches=2)).stats
+    previous = os.umask(umask)
+    try:
+        stats.save(tmp_path / "s.safetensors")
+        stats.save(tmp_path / "s.safetensors")  # and when it replaces an earlier save
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # no temporary file left behind
+
+
 def test_damaged_files_are_refused(tmp_path):
     hsvfast.score(tiny_model("bert"), random_batches()).stats.save(tmp_path / "s.safetensors")
     data = bytearray((tmp_path / "s.safetensors").read_bytes())
