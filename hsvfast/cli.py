@@ -100,13 +100,13 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
 
 
 def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
-               label_map=None, limit=None, layers=None, pooling="mean", max_length=128, batch_size=64,
-               device=None, progress=True, task=None, model_name=None, **score_options):
+               delimiter=None, label_map=None, limit=None, layers=None, pooling="mean", max_length=128,
+               batch_size=64, device=None, progress=True, task=None, model_name=None, **score_options):
     """Read a labelled file, batch it by length, score it; returns the report."""
     from hsvfast.data import read_labelled_text
 
     table = read_labelled_text(data, text_column=text_column, label_column=label_column, pair_column=pair_column,
-                               header=header)
+                               header=header, delimiter=delimiter)
     texts, pairs, labels = table.texts, table.pairs, table.labels
     if label_map:
         unknown = sorted({str(y) for y in labels} - set(map(str, label_map)))
@@ -155,7 +155,8 @@ def run_score(args: argparse.Namespace) -> int:
 
     report = score_file(model, tokenizer, args.data, text_column=column(args.text_column),
                         pair_column=column(args.text_pair_column), label_column=column(args.label_column),
-                        header=False if args.no_header else None, limit=args.limit, layers=parse_layers(args.layers),
+                        header=False if args.no_header else None, delimiter=args.delimiter, limit=args.limit,
+                        layers=parse_layers(args.layers),
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
                         device=args.device, progress=not args.quiet, model_name=display_name(args.model),
                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
@@ -211,6 +212,7 @@ def run_suite(args: argparse.Namespace) -> int:
         model, tokenizer = loaded[model_name]
         return score_file(model, tokenizer, data_file, text_column=task.text_column,
                           pair_column=task.text_pair_column, label_column=task.label_column, header=task.header,
+                          delimiter=task.delimiter,
                           label_map=task.labels or None, limit=args.limit or task.limit, pooling=suite.pooling,
                           max_length=suite.max_length, batch_size=suite.batch_size, device=args.device,
                           progress=not args.quiet, task=task.name, model_name=model_name)
@@ -265,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--text-pair-column", help="second sentence of pairs (MRPC, RTE, QNLI)")
     score.add_argument("--label-column")
     score.add_argument("--no-header", action="store_true", help="the file has no header row")
+    score.add_argument("--delimiter", help="field separator of delimited text ('tab' for a tab); default: tab for "
+                                           ".tsv/.txt, comma for .csv, guessed from the first lines otherwise")
     score.add_argument("--pooling", default="mean", choices=("mean", "mean_all", "first", "last"))
     score.add_argument("--layers", help="comma-separated block indices (negative from the top); default all")
     score.add_argument("--max-length", type=int, default=128)

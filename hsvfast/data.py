@@ -2,7 +2,8 @@
 
 Quirks handled: CRLF line ends, TSVs read with quoting off (GLUE files hold bare double quotes),
 a UTF-8 byte-order mark, latin-1 files, files with or without a header row (columns then named
-by position: ``--text-column 3 --label-column 1``). Columns are found by name with defaults
+by position: ``--text-column 3 --label-column 1``), files without a known suffix (tab- or
+comma-separated, told apart from their first lines; ``delimiter`` says it outright). Columns are found by name with defaults
 (``sentence``/``text``/``sentence1``/``question``/``tweet`` …, ``label``/``class``/``category`` …);
 when that fails, the error lists the columns there are.
 """
@@ -34,27 +35,59 @@ class LabelledText:
     pair_column: Optional[str]
 
 
-def _load(path: Path, header: bool):
+def _guess_delimiter(path: Path, lines: int = 50) -> str:
+    """Tab when most of the first non-empty lines hold one (a stray line is forgiven), else comma."""
+    with open(path, "rb") as handle:
+        head = [line for line in handle.read(1 << 16).splitlines()[:lines] if line.strip()]
+    return "\t" if head and 2 * sum(b"\t" in line for line in head) >= len(head) else ","
+
+
+def _delimiter(path: Path, delimiter: Optional[str]) -> str:
+    if delimiter is not None:
+        delimiter = {"tab": "\t", "\\t": "\t"}.get(delimiter, delimiter)
+        if len(delimiter) != 1:
+            raise ValueError(f"delimiter must be one character ('tab' or '\\t' for a tab), got {delimiter!r}")
+        return delimiter
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt"):
+        return "\t"
+    return "," if suffix == ".csv" else _guess_delimiter(path)
+
+
+def _load(path: Path, header: bool, delimiter: Optional[str]):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 
     datasets.disable_progress_bars()
-    kind = _FORMATS.get(path.suffix.lower())
-    if kind is None:
-        kind = "csv"  # unknown suffix: treat as delimited text
+    kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
     if kind != "csv":
+        if delimiter is not None:
+            raise ValueError(f"{path}: a delimiter is for delimited text, not {path.suffix} files; leave it out")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
-    options = dict(sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",",
-                   header="infer" if header else None)
+    options = dict(sep=_delimiter(path, delimiter), header="infer" if header else None)
     if options["sep"] == "\t":
         options["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold bare double quotes
-    for encoding in ("utf-8-sig", "latin-1"):
-        try:
-            return datasets.load_dataset("csv", data_files=str(path), split="train", encoding=encoding, **options)
-        except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
-            if not isinstance(error, UnicodeDecodeError) and not isinstance(error.__cause__, UnicodeDecodeError):
-                raise
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log line would repeat the error raised below
+    try:
+        for encoding in ("utf-8-sig", "latin-1"):
+            try:
+                return datasets.load_dataset("csv", data_files=str(path), split="train", encoding=encoding, **options)
+            except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
+                if not isinstance(error, UnicodeDecodeError) and not isinstance(error.__cause__, UnicodeDecodeError):
+                    raise
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     raise ValueError(f"{path}: cannot decode the file as UTF-8 or latin-1")
+
+
+def _first_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: what went wrong (a parser's 'Expected 2 fields in line 12, saw 4'),
+    not the wrapper's 'An error occurred while generating the dataset'."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, flag: str) -> str:
@@ -71,10 +104,13 @@ def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, f
 
 
 def read_labelled_text(path: "str | Path", text_column: Column = None, label_column: Column = None,
-                       pair_column: Column = None, header: Optional[bool] = None) -> LabelledText:
+                       pair_column: Column = None, header: Optional[bool] = None,
+                       delimiter: Optional[str] = None) -> LabelledText:
     """Read a labelled text file; see the module docstring for formats and defaults.
 
     ``header=None`` assumes a header row unless a column is given as a position (an int).
+    ``delimiter``: the field separator of delimited text (``"tab"`` for a tab); default: tab for
+    ``.tsv``/``.txt``, comma for ``.csv``, guessed from the first lines for any other suffix.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,12 +118,15 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
     if header is None:
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
-        table = _load(path, header)
+        table = _load(path, header, delimiter)
     except ValueError:
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
-        raise ValueError(f"{path}: cannot read it as {_FORMATS.get(path.suffix.lower(), 'csv')}: "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+        kind = _FORMATS.get(path.suffix.lower())
+        what = "JSON" if kind == "json" else "Parquet" if kind == "parquet" else "delimited text"
+        hint = "; check the delimiter (--delimiter) and whether there is a header row (--no-header)" \
+            if what == "delimited text" else ""
+        raise ValueError(f"{path}: cannot read it as {what}: {_first_cause(error)}{hint}") from error
     columns = list(table.column_names)
     if text_column is None and pair_column is None:  # a sentence-pair layout wins (QNLI: question + sentence)
         text_column = next((first for first, second in PAIR_COLUMNS.items()

@@ -3,7 +3,8 @@
 A suite file (TOML) has optional ``[defaults]`` (``max_length``, ``batch_size``, ``pooling``) and
 ``[[task]]`` entries: ``name``, ``file`` (relative to the data folder), ``text_column``,
 ``text_pair_column``, ``label_column`` (names, or 0-based positions with ``header = false``),
-optional ``labels = { name = id, ... }`` (a label mapping) and ``limit`` (first N rows).
+optional ``delimiter`` (of delimited text; ``"tab"`` for a tab), ``labels = { name = id, ... }``
+(a label mapping) and ``limit`` (first N rows).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ except ModuleNotFoundError:  # Python < 3.11
 from .report import Report
 
 SHIPPED = {"glue": Path(__file__).parent / "suites" / "glue.toml"}
-_TASK_KEYS = {"name", "file", "text_column", "text_pair_column", "label_column", "header", "labels", "limit", "split"}
+_TASK_KEYS = {"name", "file", "text_column", "text_pair_column", "label_column", "header", "delimiter", "labels",
+              "limit", "split"}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Task:
     text_pair_column: Any = None
     label_column: Any = None
     header: Optional[bool] = None
+    delimiter: Optional[str] = None
     labels: Dict[str, Any] = field(default_factory=dict)
     limit: Optional[int] = None
     split: Optional[str] = None

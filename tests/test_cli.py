@@ -92,7 +92,8 @@ def test_max_memory_switches_to_class_balanced_statistics_with_the_same_numbers(
                                reports["per_class"]["metrics"]["variability"], rtol=1e-9)
 
 
-@pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels", "graphs_on_cpu"])
+@pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels", "graphs_on_cpu",
+                                  "malformed"])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, case):
     data = tsv(tmp_path / "d.tsv")
     model = tiny_model_dir
@@ -104,6 +105,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
         model = tmp_path / "no-model-here"
     elif case == "float_labels":
         data = tsv(tmp_path / "d.tsv", rows=[("a b", 0.5), ("c d", 1.5)] * 4)
+    elif case == "malformed":  # a row with more fields than the header
+        data = write(tmp_path / "d.csv", "sentence,label\na fine row,1\nnot, a, fine, row,0\n")
     extra = ["--cuda-graphs", "--device", "cpu"] if case == "graphs_on_cpu" else []
     result = run_cli("score", "--model", model, "--data", data, "--quiet", *extra)
     assert result.returncode == 2
@@ -111,8 +114,10 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
     assert len(lines) == 1 and "Traceback" not in result.stderr
     expected = {"missing_file": "does not exist", "missing_column": "the columns are ['words', 'class']",
                 "bad_model": "cannot load model", "float_labels": "discrete class labels",
-                "graphs_on_cpu": "cuda_graphs=True needs a CUDA device"}[case]
+                "graphs_on_cpu": "cuda_graphs=True needs a CUDA device",
+                "malformed": "Expected 2 fields in line 3, saw 5"}[case]  # the parser's words, not a wrapper's
     assert expected in lines[0]
+    assert "Failed to read file" not in result.stderr  # datasets' own log line of the same error
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -161,6 +166,28 @@ def test_csv_with_quoted_commas_and_header_row(tmp_path):
     assert table.texts == ["Up, then down", "Launch, delayed"] and table.labels == [3, 4]
 
 
+@pytest.mark.parametrize("separator", ["\t", ","])
+def test_file_without_a_known_suffix_is_read_with_the_separator_its_lines_use(tmp_path, separator):
+    # As the SMS Spam Collection ships: "ham<TAB>text", no header, no suffix.
+    rows = [("ham", "see you at ten"), ("spam", "WIN a prize now"), ("ham", "ok lar")]
+    path = write(tmp_path / "SMSCollection", "".join(f"{y}{separator}{t}\n" for y, t in rows))
+    table = read_labelled_text(path, text_column=1, label_column=0)
+    assert table.texts == [t for _, t in rows] and table.labels == [y for y, _ in rows]
+
+
+def test_delimiter_given_outright(tmp_path):
+    path = write(tmp_path / "semi.csv", "sentence;label\nfirst, with a comma;1\nsecond;0\n")
+    table = read_labelled_text(path, delimiter=";")
+    assert table.texts == ["first, with a comma", "second"] and table.labels == [1, 0]
+    tabbed = write(tmp_path / "tabbed.csv", "sentence\tlabel\na b\t1\n")
+    assert read_labelled_text(tabbed, delimiter="tab").texts == ["a b"]
+    with pytest.raises(ValueError, match="delimiter must be one character"):
+        read_labelled_text(path, delimiter=";;")
+    jsonl = write(tmp_path / "d.jsonl", json.dumps({"text": "a", "label": 1}) + "\n")
+    with pytest.raises(ValueError, match="a delimiter is for delimited text"):
+        read_labelled_text(jsonl, delimiter=",")
+
+
 def test_jsonl_and_parquet(tmp_path):
     rows = [{"text": t, "label": y} for t, y in SENTENCES[:4]]
     jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
@@ -186,8 +213,8 @@ def test_suite_scores_every_pair_and_resumes(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "data"
     data.mkdir()
     tsv(data / "a.tsv")
-    write(data / "b.tsv", "s1\ts2\ty\n" + "".join(f"{t}\t{t[::-1]}\t{'yes' if y else 'no'}\n"
-                                                   for t, y in SENTENCES))
+    write(data / "b.csv", "s1;s2;y\n" + "".join(f"{t};{t[::-1]};{'yes' if y else 'no'}\n"  # texts hold commas
+                                               for t, y in SENTENCES))
     suite = write(tmp_path / "s.toml", """
 [defaults]
 batch_size = 4
@@ -198,7 +225,8 @@ file = "a.tsv"
 
 [[task]]
 name = "pairs"
-file = "b.tsv"
+file = "b.csv"
+delimiter = ";"
 text_column = "s1"
 text_pair_column = "s2"
 label_column = "y"
