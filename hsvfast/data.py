@@ -3,9 +3,9 @@
 Quirks handled: CRLF line ends, TSVs read with quoting off (GLUE files hold bare double quotes),
 a UTF-8 byte-order mark, latin-1 files, files with or without a header row (columns then named
 by position: ``--text-column 3 --label-column 1``), files without a known suffix (tab- or
-comma-separated, told apart from their first lines; ``delimiter`` says it outright). Columns are found by name with defaults
-(``sentence``/``text``/``sentence1``/``question``/``tweet`` …, ``label``/``class``/``category`` …);
-when that fails, the error lists the columns there are.
+comma-separated, told apart from their first lines; ``delimiter`` says it outright). Columns are
+found by name with defaults (``sentence``/``text``/``sentence1``/``question``/``tweet`` …,
+``label``/``class``/``category`` …); when that fails, the error lists the columns there are.
 """
 from __future__ import annotations
 
