@@ -212,7 +212,8 @@ def score(
         with torch.inference_mode():
             # Each batch is prepared (its host facts copied back, if it lives on a GPU) while the one
             # before it is scored: see hsvfast.prefetch.
-            prepared_stream = prepared_batches(loader, pooling, special_ids, skip=resume.skip, pin=device.type == "cuda")
+            prepared_stream = prepared_batches(loader, pooling, special_ids, skip=resume.skip,
+                                               pin=device.type == "cuda")
             for prepared in read_ahead(prepared_stream):
                 batch_index, batch, weights = prepared.index, prepared.batch, prepared.weights
                 labels, poolable = prepared.labels_and_poolable()
