@@ -59,7 +59,9 @@ def load_model(name: Optional[str], dtype: str = "float32", device: Optional[str
         raise CommandError(f"cannot load model {path!r}: {str(error).splitlines()[0]} (hsvfast never downloads; "
                            "pass a local model folder)") from error
     if device:
-        model.to(device)
+        from hsvfast.scoring import available_device
+
+        model.to(available_device(device))
     return model.eval(), tokenizer
 
 

@@ -109,7 +109,7 @@ def score(
     blocks = find_blocks(model) if blocks is None else blocks
     layer_ids = resolve_layers(layers, len(blocks))
     original_device = _model_device(model)
-    device = torch.device(device) if device is not None else original_device
+    device = available_device(device) if device is not None else original_device
     special_ids = special_token_ids(tokenizer)
     metric_names = check_metric_names(metrics if metrics is not None else DEFAULT_METRICS)
     # Only ν needs d×d second moments that class_counts can make class-balanced (one per layer).
@@ -429,6 +429,20 @@ def _pad_token_id(model: nn.Module) -> int:
     """The id a tokenizer pads with, from the model's config (0 where it names none)."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     return pad if isinstance(pad, int) and pad >= 0 else 0
+
+
+def available_device(device: "str | torch.device") -> torch.device:
+    """``device`` as a ``torch.device``; a ValueError that says why when it is a CUDA device this process
+    cannot use (torch would raise an AssertionError from deep inside ``model.to``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            build = "a CPU-only build of torch" if torch.version.cuda is None else \
+                f"torch built for CUDA {torch.version.cuda}"
+            raise ValueError(f"device {device} is not available: {build} sees {count} CUDA device(s); use the CPU "
+                             "(device 'cpu'), or a machine with a GPU and a CUDA build of torch")
+    return device
 
 
 def _model_device(model: nn.Module) -> torch.device:

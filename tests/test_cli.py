@@ -93,7 +93,7 @@ def test_max_memory_switches_to_class_balanced_statistics_with_the_same_numbers(
 
 
 @pytest.mark.parametrize("case", ["missing_file", "missing_column", "bad_model", "float_labels", "graphs_on_cpu",
-                                  "malformed"])
+                                  "malformed", "no_such_device"])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, case):
     data = tsv(tmp_path / "d.tsv")
     model = tiny_model_dir
@@ -107,7 +107,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
         data = tsv(tmp_path / "d.tsv", rows=[("a b", 0.5), ("c d", 1.5)] * 4)
     elif case == "malformed":  # a row with more fields than the header
         data = write(tmp_path / "d.csv", "sentence,label\na fine row,1\nnot, a, fine, row,0\n")
-    extra = ["--cuda-graphs", "--device", "cpu"] if case == "graphs_on_cpu" else []
+    extra = {"graphs_on_cpu": ["--cuda-graphs", "--device", "cpu"],
+             "no_such_device": ["--device", "cuda:99"]}.get(case, [])
     result = run_cli("score", "--model", model, "--data", data, "--quiet", *extra)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("hsvfast: error:")]
@@ -115,7 +116,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
     expected = {"missing_file": "does not exist", "missing_column": "the columns are ['words', 'class']",
                 "bad_model": "cannot load model", "float_labels": "discrete class labels",
                 "graphs_on_cpu": "cuda_graphs=True needs a CUDA device",
-                "malformed": "Expected 2 fields in line 3, saw 5"}[case]  # the parser's words, not a wrapper's
+                "malformed": "Expected 2 fields in line 3, saw 5",
+                "no_such_device": "device cuda:99 is not available"}[case]  # the parser's words, not a wrapper's
     assert expected in lines[0]
     assert "Failed to read file" not in result.stderr  # datasets' own log line of the same error
 

@@ -251,6 +251,7 @@ def batches_with(**changes):
          ValueError, "no 'special_tokens_mask' and no tokenizer"),
         ([(b["input_ids"], b["labels"]) for b in random_batches()], {}, TypeError, "dict batches"),
         (batches_with(labels=torch.zeros(5, dtype=torch.long)), {}, ValueError, "5 labels for 12 sequences"),
+        (random_batches(), {"device": "cuda:99"}, ValueError, "device cuda:99 is not available"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(batches, kwargs, error, match):
