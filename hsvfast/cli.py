@@ -329,9 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, like the errors (not Python's file:line and source-line form)."""
+    return f"hsvfast: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _warning_line
     try:
         return args.run(args)
     except (CommandError, ValueError, TypeError, OSError, MemoryError, ImportError) as error:
@@ -340,6 +350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"hsvfast: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

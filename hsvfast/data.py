@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, List, Optional, Union
@@ -33,6 +34,7 @@ class LabelledText:
     text_column: str
     label_column: str
     pair_column: Optional[str]
+    num_unlabelled: int = 0  # rows left out: no label
 
 
 def _guess_delimiter(path: Path, lines: int = 50) -> str:
@@ -138,13 +140,23 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         pair = _pick(columns, pair_column, (), "second-text", path, "--text-pair-column")
     elif PAIR_COLUMNS.get(text) in columns:
         pair = PAIR_COLUMNS[text]
-    rows = [(t, p, y) for t, p, y in zip(table[text], table[pair] if pair else [None] * len(table), table[label])
-            if t is not None and y is not None]
+    # An empty field reads as None: an empty text is still an example (score skips and counts it if it
+    # leaves nothing to pool); a row without a label is left out, and said so.
+    all_rows = zip(table[text], table[pair] if pair else [None] * len(table), table[label])
+    rows = [(t, p, y) for t, p, y in all_rows if y is not None]
     if not rows:
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
+    unlabelled = len(table) - len(rows)
+    if unlabelled:
+        first = next(i for i, y in enumerate(table[label]) if y is None)
+        warnings.warn(f"{path}: {unlabelled} row(s) have no label in column {label!r} and are left out "
+                      f"(the first is data row {first + 1}{', after the header' if header else ''})", stacklevel=2)
+        if all(isinstance(y, float) and y.is_integer() for _, _, y in rows):
+            # Integer labels read as floats only because a missing one made the column float (NaN).
+            rows = [(t, p, int(y)) for t, p, y in rows]
     return LabelledText(
-        texts=[str(t) for t, _, _ in rows],
+        texts=["" if t is None else str(t) for t, _, _ in rows],
         labels=[y for _, _, y in rows],
-        pairs=[str(p) if p is not None else "" for _, p, _ in rows] if pair else None,
-        text_column=text, label_column=label, pair_column=pair,
+        pairs=["" if p is None else str(p) for _, p, _ in rows] if pair else None,
+        text_column=text, label_column=label, pair_column=pair, num_unlabelled=unlabelled,
     )

@@ -190,6 +190,25 @@ def test_delimiter_given_outright(tmp_path):
         read_labelled_text(jsonl, delimiter=",")
 
 
+def test_empty_texts_are_kept_and_unlabelled_rows_left_out_with_a_warning(tmp_path):
+    path = write(tmp_path / "e.tsv", "sentence\tlabel\na good one\t1\n\t0\nno label\t\na bad one\t0\n")
+    with pytest.warns(UserWarning, match=r"1 row\(s\) have no label in column 'label' .*data row 3, after the header"):
+        table = read_labelled_text(path)
+    assert table.texts == ["a good one", "", "a bad one"] and table.num_unlabelled == 1
+    assert table.labels == [1, 0, 0] and all(type(y) is int for y in table.labels)  # not 1.0: NaN made it float
+
+
+def test_cli_prints_warnings_as_one_line_and_counts_what_it_skipped(tmp_path, tiny_model_dir):
+    rows = "".join(f"{t}\t{y}\n" for t, y in SENTENCES)
+    path = write(tmp_path / "e.tsv", "sentence\tlabel\n" + rows + "\t1\nno label\t\n")
+    result = run_cli("score", "--model", tiny_model_dir, "--data", path, "--quiet")  # pytest would catch warnings
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if line.strip()]
+    assert shown and all(line.startswith("hsvfast: warning: ") for line in shown), shown
+    assert "have no label" in shown[0] and "no token to pool" in shown[1]
+    assert f"{len(SENTENCES)} examples" in result.stdout and "1 skipped" in result.stdout  # the empty text
+
+
 def test_jsonl_and_parquet(tmp_path):
     rows = [{"text": t, "label": y} for t, y in SENTENCES[:4]]
     jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
