@@ -115,7 +115,7 @@ def test_every_16_bit_value_is_widened_exactly(device, dtype, tokens, layout):
     """All 65,536 bit patterns (normals, subnormals, ±0, ±inf, NaNs) pooled from equal tokens come out as
     PyTorch's own conversion to float64: nothing is flushed, rounded or lost."""
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(128, 1, 512)
-    act = values.expand(128, tokens, 512).to(device)
+    act = values.expand(128, tokens, 512).contiguous().to(device)
     if layout == "transposed":  # hidden dimension not innermost: the generic (strided) paths
         act = act.transpose(1, 2).contiguous().transpose(1, 2)
     out = torch.full((128, 512), 7.0, dtype=torch.float64, device=device)
