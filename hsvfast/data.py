@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,10 +63,18 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
 
     datasets.disable_progress_bars()
     kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
+
+    def read(builder: str, **options):
+        # Into memory, through a cache folder of this call only: datasets would otherwise keep an Arrow
+        # copy of every file read (and a lock file per file) in the user's cache for good.
+        with tempfile.TemporaryDirectory(prefix="hsvfast-read-") as cache:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                         keep_in_memory=True, **options)
+
     if kind != "csv":
         if delimiter is not None:
             raise ValueError(f"{path}: a delimiter is for delimited text, not {path.suffix} files; leave it out")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        return read(kind)
     options = dict(sep=_delimiter(path, delimiter), header="infer" if header else None)
     if options["sep"] == "\t":
         options["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold bare double quotes
@@ -74,7 +83,7 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
     try:
         for encoding in ("utf-8-sig", "latin-1"):
             try:
-                return datasets.load_dataset("csv", data_files=str(path), split="train", encoding=encoding, **options)
+                return read("csv", encoding=encoding, **options)
             except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
                 if not isinstance(error, UnicodeDecodeError) and not isinstance(error.__cause__, UnicodeDecodeError):
                     raise

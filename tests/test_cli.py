@@ -209,6 +209,18 @@ def test_cli_prints_warnings_as_one_line_and_counts_what_it_skipped(tmp_path, ti
     assert f"{len(SENTENCES)} examples" in result.stdout and "1 skipped" in result.stdout  # the empty text
 
 
+def test_reading_a_file_leaves_no_copy_in_the_datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    table = read_labelled_text(tsv(tmp_path / "d.tsv"))
+    jsonl = write(tmp_path / "d.jsonl", "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in SENTENCES))
+    assert read_labelled_text(jsonl).texts == table.texts == [t for t, _ in SENTENCES]
+    assert list(cache.rglob("*")) == []
+
+
 def test_jsonl_and_parquet(tmp_path):
     rows = [{"text": t, "label": y} for t, y in SENTENCES[:4]]
     jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
