@@ -59,7 +59,10 @@ def _delimiter(path: Path, delimiter: Optional[str]) -> str:
 
 def _load(path: Path, header: bool, delimiter: Optional[str]):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("reading data files needs 🤗 datasets: pip install datasets (or hsvfast[data])") from error
 
     datasets.disable_progress_bars()
     kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
@@ -130,7 +133,7 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
         table = _load(path, header, delimiter)
-    except ValueError:
+    except (ValueError, ImportError):
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
         kind = _FORMATS.get(path.suffix.lower())

@@ -221,6 +221,12 @@ def test_reading_a_file_leaves_no_copy_in_the_datasets_cache(tmp_path, monkeypat
     assert list(cache.rglob("*")) == []
 
 
+def test_reading_without_datasets_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(ImportError, match=r"needs 🤗 datasets: pip install datasets \(or hsvfast\[data\]\)"):
+        read_labelled_text(tsv(tmp_path / "d.tsv"))
+
+
 def test_jsonl_and_parquet(tmp_path):
     rows = [{"text": t, "label": y} for t, y in SENTENCES[:4]]
     jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
