@@ -123,7 +123,30 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
                          task=task or Path(data).name, model_name=model_name, **score_options)
 
 
+def check_writable(**outputs: Optional[str]) -> None:
+    """Refuse, before any scoring, output paths that could not be written after it (the work would be lost):
+    a folder on the way that is a file, a folder the user cannot write in, a path that is a folder.
+    Missing folders are fine (they are made)."""
+    for option, value in outputs.items():
+        if not value:
+            continue
+        flag = "--" + option.replace("_", "-")
+        path = Path(value).absolute()
+        if path.is_dir():
+            raise CommandError(f"{flag} {value} is a folder; give a file name")
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise CommandError(f"{flag} {value}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise CommandError(f"{flag} {value}: no permission to write in {existing}")
+
+
 def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
+    for path in (out, plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if out:
         Path(out).write_text(json.dumps(report.to_dict(), indent=2))
         print(f"wrote {out}")
@@ -133,6 +156,7 @@ def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    check_writable(out=args.out, plot=args.plot)
     model, tokenizer = load_model(args.model)
     began = time.perf_counter()
     texts, labels = read_demo_sample()
@@ -150,6 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    check_writable(out=args.out, plot=args.plot, save_stats=args.save_stats, checkpoint=args.checkpoint)
     model, tokenizer = load_model(args.model, args.dtype, args.device)
 
     def column(value):
@@ -228,6 +253,7 @@ def run_suite(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     import hsvfast
 
+    check_writable(output=args.output, report=args.report, plot=args.plot)
     merged = hsvfast.merge(args.files)
     merged.save(args.output)
     print(f"merged {len(args.files)} files: {merged.num_examples:,} examples, classes "
@@ -242,6 +268,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import hsvfast
 
+    check_writable(out=args.out, plot=args.plot)
     report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")

@@ -122,6 +122,28 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
     assert "Failed to read file" not in result.stderr  # datasets' own log line of the same error
 
 
+def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, capsys):
+    data = tsv(tmp_path / "d.tsv")
+    for flag, value, expected in [("--out", data / "r.json", "is a file, not a folder"),
+                                  ("--plot", tmp_path, "is a folder; give a file name"),
+                                  ("--save-stats", data / "deeper" / "s.safetensors", "is a file, not a folder")]:
+        # No model is loaded and nothing scored (the model path does not even exist).
+        assert cli.main(["score", "--model", str(tmp_path / "no-model"), "--data", str(data), flag, str(value)]) == 2
+        err = capsys.readouterr().err
+        assert f"hsvfast: error: {flag} {value}" in err and expected in err, err
+
+
+def test_missing_output_folders_are_made(tmp_path):
+    import hsvfast
+    from tiny_models import random_batches, tiny_model
+
+    stats = tmp_path / "s.safetensors"
+    hsvfast.score(tiny_model("bert"), random_batches(num_batches=2)).stats.save(stats)
+    out, plot = tmp_path / "new" / "deeper" / "r.json", tmp_path / "other" / "p.png"
+    assert cli.main(["report", str(stats), "--out", str(out), "--plot", str(plot)]) == 0
+    assert json.loads(out.read_text())["layers"] == [0, 1, 2, 3] and plot.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "score", "--data", tmp_path / "nope.tsv")
     assert result.returncode != 0 and "Traceback" in result.stderr
