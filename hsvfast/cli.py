@@ -227,6 +227,7 @@ def run_suite(args: argparse.Namespace) -> int:
     from hsvfast.suite import load_suite, run_suite as run
 
     suite = load_suite(args.suite)
+    check_writable(out=str(Path(args.out) / "summary.md"))  # the results folder: made if missing, never a file
     default = display_name(None)
     models = [m for m in (args.models or "").split(",") if m] or [default]
     loaded: dict = {}
