@@ -23,6 +23,7 @@ a corpus and processes merge by addition. The finished metrics are derived in
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence
 
@@ -701,6 +702,12 @@ class Statistics:
                     "counts of exactly the examples scored, or leave class_counts out."
                 )
         self.check_finite()
+        single = [label for label, n in zip(self.labels, self.counts) if n == 1]
+        if single:
+            shown = ", ".join(map(repr, single[:5])) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+            warnings.warn(f"{len(single)} class(es) have a single example ({shown}): their spread cannot be measured "
+                          "and counts as zero, which biases ν and the trace ratio low; score more examples of them",
+                          stacklevel=2)
 
     def class_moments(self, position: int) -> "ClassMoments":
         """Counts, means and the paper's class-balanced within-class covariance of one layer."""

@@ -1,4 +1,6 @@
 """ν and the trace ratio against independent float64 references on random and adversarial features."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,17 @@ def test_labels_any_hashable_and_sparse_ids():
 def test_coincident_class_means_give_infinity():
     features = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
     assert hsvfast.variability(features, [0, 0, 1, 1]) == float("inf")
+
+
+def test_classes_of_a_single_example_are_warned_about():
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(12, 5)), ["a"] * 10 + ["b", "c"]
+    with pytest.warns(UserWarning, match=r"2 class\(es\) have a single example \('b', 'c'\).*biases ν"):
+        value = hsvfast.variability(features, labels)
+    np.testing.assert_allclose(value, ref.official_variability(features, np.array(labels)), rtol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two examples per class: nothing to warn about
+        hsvfast.variability(features[:6], ["a", "b", "c"] * 2)
 
 
 @pytest.mark.parametrize("mode", ["per_class", "balanced"])
