@@ -265,7 +265,6 @@ def score(
         resume.finish()
         if is_distributed():
             all_reduce_statistics(stats)
-        stats.check_complete()
     finally:
         if bar is not None:
             bar.close()

@@ -255,7 +255,8 @@ def test_sparse_negative_ids_one_example_class_and_batch_of_one():
         b["labels"] = torch.where(b["labels"] == 0, torch.tensor(-5), b["labels"] * 17)
     single = {k: v[:1].clone() for k, v in batches[0].items()}
     single["labels"][:] = 99  # a class with one example, in a batch of size 1
-    report = hsvfast.score(model, batches + [single])
+    with pytest.warns(UserWarning, match=r"1 class\(es\) have a single example \(99\)"):
+        report = hsvfast.score(model, batches + [single])
     assert report.class_counts[99] == 1 and set(report.class_counts) == {-5, 17, 34, 99}
     assert all(np.isfinite(report.metrics["variability"]))
 
