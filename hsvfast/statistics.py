@@ -187,6 +187,8 @@ class Statistics:
         self.counts = np.zeros(0, dtype=np.int64)
         self.num_skipped = 0
         self.num_batches = 0
+        if max_memory < 0:
+            raise ValueError(f"max_memory must be a number of bytes >= 0, got {max_memory}")
         self.max_memory = int(max_memory)
         self.class_counts: Optional[Dict[Hashable, int]] = None
         if not second_moments:

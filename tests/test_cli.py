@@ -122,6 +122,18 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
     assert "Failed to read file" not in result.stderr  # datasets' own log line of the same error
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--limit", "0", "must be a positive integer, got 0"), ("--batch-size", "-3", "must be a positive integer"),
+    ("--max-length", "0", "must be a positive integer"), ("--checkpoint-every", "0", "must be a positive integer"),
+    ("--max-memory", "-1", "must be a number of GiB >= 0"), ("--max-memory", "nan", "must be a number of GiB >= 0"),
+])
+def test_numeric_options_out_of_range_are_refused(tmp_path, capsys, option, value, message):
+    # Before: --limit 0 scored every row (0 read as "no limit"); --max-memory -1 failed at the first batch.
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "--data", str(tsv(tmp_path / "d.tsv")), option, value])
+    assert exit_info.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, capsys):
     data = tsv(tmp_path / "d.tsv")
     for flag, value, expected in [("--out", data / "r.json", "is a file, not a folder"),

@@ -276,6 +276,11 @@ def test_half_precision_activations_match_their_float64_values(kernel_backend):
         assert_same(expected, summary(accumulate(tokens, labels, order, 8, dtype=dtype)))
 
 
+def test_negative_memory_cap_is_refused():
+    with pytest.raises(ValueError, match="max_memory must be a number of bytes >= 0, got -1"):
+        Statistics([0], max_memory=-1)
+
+
 def test_many_classes_without_counts_hits_the_memory_cap():
     tokens, labels = corpus(seed=6, n=200, classes=40)
     with pytest.raises(MemoryError, match="class_counts"):
