@@ -215,11 +215,14 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"tuned layers   {plan.tuned_layers}")
     print(f"frozen layers  {plan.frozen_layers}")
     print(f"dropped layers {plan.dropped_layers}  → {plan.flops_fraction:.0%} of the blocks' forward FLOPs kept")
+    out = args.out or str(Path(args.report).with_suffix("")) + ".plan.json"
+    Path(out).write_text(json.dumps(plan.to_dict(), indent=2))
+    if not plan.tuned_layers:  # PEFT would read an empty layers_to_transform as every layer
+        print("PEFT: none (no tuned layers: only the classifier head trains)")
+        print(f"wrote {out} (hsvfast.Plan.load)")
+        return 0
     lora = {"layers_to_transform": plan.tuned_layers, "target_modules": "all-linear", "r": 8, "lora_alpha": 16}
     print(f"PEFT: LoraConfig(**{json.dumps(lora)})")
-    out = args.out or str(Path(args.report).with_suffix("")) + ".plan.json"
-    data = plan.to_dict()
-    Path(out).write_text(json.dumps({**data}, indent=2))
     Path(out).with_suffix(".lora.json").write_text(json.dumps(lora, indent=2))
     print(f"wrote {out} (hsvfast.Plan.load) and {Path(out).with_suffix('.lora.json')}")
     return 0

@@ -156,7 +156,8 @@ def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256,
     blocks = find_blocks(model)
     layers = _check_layers(layers, len(blocks), "add_adapters")
     if kind == "lora":
-        return _add_lora(model, blocks, layers, **lora_options)
+        # PEFT reads an empty layers_to_transform as "every layer": no layers means no adapters here.
+        return _add_lora(model, blocks, layers, **lora_options) if layers else model
     hidden = hidden_size_of(model)
     reference = next(model.parameters())
     for k in layers:

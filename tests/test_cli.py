@@ -156,6 +156,23 @@ def test_missing_output_folders_are_made(tmp_path):
     assert json.loads(out.read_text())["layers"] == [0, 1, 2, 3] and plot.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_plan_writes_the_plan_and_a_lora_config_only_when_layers_are_tuned(tmp_path, capsys):
+    import hsvfast
+    from tiny_models import random_batches, tiny_model
+
+    report_path = tmp_path / "r.json"
+    report_path.write_text(json.dumps(hsvfast.score(tiny_model("bert"), random_batches()).to_dict()))
+    assert cli.main(["plan", str(report_path), "--num-tuned", "1"]) == 0  # ℓ* may be layer 0 of this model
+    plan = hsvfast.Plan.load(tmp_path / "r.plan.json")
+    lora = json.loads((tmp_path / "r.plan.lora.json").read_text())
+    assert len(plan.tuned_layers) == 1 and lora["layers_to_transform"] == plan.tuned_layers
+    (tmp_path / "r.plan.lora.json").unlink()
+    assert cli.main(["plan", str(report_path), "--num-tuned", "0", "--out", str(tmp_path / "p0.json")]) == 0
+    assert hsvfast.Plan.load(tmp_path / "p0.json").tuned_layers == []
+    assert not list(tmp_path.glob("*.lora.json"))  # an empty layers_to_transform means every layer to PEFT
+    assert "PEFT: none" in capsys.readouterr().out
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "score", "--data", tmp_path / "nope.tsv")
     assert result.returncode != 0 and "Traceback" in result.stderr

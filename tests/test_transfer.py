@@ -187,6 +187,18 @@ def test_lora_through_peft():
     assert names and all("lora" in n and ".2." in n for n in names)
 
 
+@pytest.mark.parametrize("method", ["finetune", "adapter", "lora"])
+def test_a_plan_without_tuned_layers_trains_the_head_only(method):
+    # PEFT reads an empty layers_to_transform as every layer: apply once put LoRA on all of them.
+    if method == "lora":
+        pytest.importorskip("peft", reason="kind='lora' is an optional extra (pip install peft)")
+    p = hsvfast.plan(fake_report([3.0, 2.0, 1.0, 1.5], num_blocks=DEPTH), num_tuned=0)
+    assert p.tuned_layers == []
+    classifier = hsvfast.apply(tiny_model("bert"), p, num_labels=3, method=method)
+    trainable = [n for n, q in classifier.named_parameters() if q.requires_grad]
+    assert trainable and not any("lora" in n or "adapter" in n or ".layer." in n for n in trainable), trainable
+
+
 # -------------------------------------------------------------------------------------- training
 
 
