@@ -73,6 +73,27 @@ def _matthews(predicted: np.ndarray, expected: np.ndarray) -> float:
     return float((c * s - t @ p) / denominator) if denominator else 0.0
 
 
+def _checked_labels(batch: Dict[str, Any], num_labels: Optional[int], epoch: int, index: int) -> torch.Tensor:
+    """The batch's labels as class ids 0..num_labels-1, or a ValueError that names the batch (cross-entropy
+    would fail with 'Target 2 is out of bounds', or a device-side assert on a GPU). Checked while on the host."""
+    if "labels" not in batch:
+        raise ValueError(f"epoch {epoch + 1}, batch {index}: no 'labels' (keys: {sorted(batch)})")
+    labels = batch["labels"]
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"epoch {epoch + 1}, batch {index}: labels must be class ids 0..{num_labels - 1} "
+                         f"(map string labels to ids first), got {list(labels)[:3]}…") from error
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"epoch {epoch + 1}, batch {index}: labels must be integer class ids, got {labels.dtype}")
+    if num_labels is not None and labels.is_cpu:
+        outside = labels[(labels < 0) | (labels >= num_labels)]
+        if outside.numel():
+            raise ValueError(f"epoch {epoch + 1}, batch {index}: label {int(outside[0])} is outside "
+                             f"0..{num_labels - 1}; the classifier has num_labels={num_labels}")
+    return labels
+
+
 def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
           eval_loader: Optional[Iterable[Dict[str, Any]]] = None, epochs: int = 3, lr: float = 3e-4,
           warmup: float = 0.06, weight_decay: float = 0.0, seed: int = 0, device: "str | torch.device | None" = None,
@@ -86,6 +107,12 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
     """
     from safetensors.torch import load_file, save_file
 
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if metric not in ("accuracy", "mcc"):  # anything else would silently keep the last epoch
+        raise ValueError(f"metric must be 'accuracy' or 'mcc' (what evaluate computes), got {metric!r}")
+    config = getattr(classifier, "config", None)  # a transformers model keeps num_labels there
+    num_labels = getattr(classifier, "num_labels", None) or getattr(config, "num_labels", None)
     torch.manual_seed(seed)
     device = torch.device(device) if device is not None else next(classifier.parameters()).device
     classifier.to(device)
@@ -110,9 +137,10 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
             from tqdm.auto import tqdm
 
             batches = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             inputs = {k: batch[k].to(device) for k in _MODEL_KEYS if k in batch}
-            loss = classifier(**inputs, labels=torch.as_tensor(batch["labels"]).to(device)).loss
+            labels = _checked_labels(batch, num_labels, epoch, index)
+            loss = classifier(**inputs, labels=labels.to(device)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -217,6 +217,21 @@ def test_train_keeps_the_best_epoch_and_reports_history(tmp_path):
     assert final["accuracy"] == pytest.approx(max(h["accuracy"] for h in history))
 
 
+def test_train_refuses_what_would_fail_or_mislead_later():
+    p = hsvfast.plan(fake_report([3.0, 2.0, 1.0, 1.5], num_blocks=DEPTH), num_tuned=1)
+    classifier = hsvfast.apply(tiny_model("bert"), p, num_labels=2)
+    batches = random_batches(num_batches=2, seed=1)  # labels 0..2: one too many for num_labels=2
+    with pytest.raises(ValueError, match=r"epoch 1, batch \d: label 2 is outside 0\.\.1; .* num_labels=2"):
+        hsvfast.train(classifier, batches, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        hsvfast.train(classifier, batches, epochs=0, progress=False)
+    with pytest.raises(ValueError, match="metric must be 'accuracy' or 'mcc'"):  # would keep the last epoch
+        hsvfast.train(classifier, batches, batches, metric="f1", progress=False)
+    floats = [{**b, "labels": b["labels"].float()} for b in batches]
+    with pytest.raises(ValueError, match="labels must be integer class ids, got torch.float32"):
+        hsvfast.train(classifier, floats, epochs=1, progress=False)
+
+
 def test_classifier_output_works_like_a_transformers_model():
     classifier = hsvfast.Classifier(tiny_model("llama"), num_labels=2)
     batch = random_batches(num_batches=1, classes=2)[0]
