@@ -20,24 +20,26 @@ namespace {
 #define HSVFAST_MULTIVERSION
 #endif
 
-HSVFAST_MULTIVERSION
-void axpy_f32(double w, const float* __restrict x, double* __restrict acc, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(x[d]);
-}
-
-HSVFAST_MULTIVERSION
-void axpy_bf16(double w, const uint16_t* __restrict x, double* __restrict acc, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(bfloat16_to_float(x[d]));
-}
-
-HSVFAST_MULTIVERSION
-void axpy_f16(double w, const uint16_t* __restrict x, double* __restrict acc, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<double>(float16_to_float(x[d]));
-}
-
 inline double widen(float v) { return double(v); }
 inline double widen(BFloat16 v) { return double(bfloat16_to_float(v.bits)); }
 inline double widen(Half v) { return double(float16_to_float(v.bits)); }
+
+// One token: acc += w * x. One body for every 16- and 32-bit dtype, inlined into each
+// multi-versioned entry point below.
+template <typename T>
+__attribute__((always_inline)) inline void axpy_body(double w, const T* __restrict x, double* __restrict acc,
+                                                     int64_t n) {
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * widen(x[d]);
+}
+
+HSVFAST_MULTIVERSION
+void axpy_f32(double w, const float* x, double* __restrict acc, int64_t n) { axpy_body(w, x, acc, n); }
+
+HSVFAST_MULTIVERSION
+void axpy_bf16(double w, const BFloat16* x, double* __restrict acc, int64_t n) { axpy_body(w, x, acc, n); }
+
+HSVFAST_MULTIVERSION
+void axpy_f16(double w, const Half* x, double* __restrict acc, int64_t n) { axpy_body(w, x, acc, n); }
 
 // Four tokens per pass over acc: a quarter of the float64 load/store traffic of one-at-a-time.
 // One body for every 16- and 32-bit dtype, inlined into each multi-versioned entry point below.
@@ -91,13 +93,9 @@ inline void axpy(double w, const Storage* x, double* acc, int64_t n) {
 template <>
 inline void axpy<float>(double w, const float* x, double* acc, int64_t n) { axpy_f32(w, x, acc, n); }
 template <>
-inline void axpy<BFloat16>(double w, const BFloat16* x, double* acc, int64_t n) {
-  axpy_bf16(w, reinterpret_cast<const uint16_t*>(x), acc, n);
-}
+inline void axpy<BFloat16>(double w, const BFloat16* x, double* acc, int64_t n) { axpy_bf16(w, x, acc, n); }
 template <>
-inline void axpy<Half>(double w, const Half* x, double* acc, int64_t n) {
-  axpy_f16(w, reinterpret_cast<const uint16_t*>(x), acc, n);
-}
+inline void axpy<Half>(double w, const Half* x, double* acc, int64_t n) { axpy_f16(w, x, acc, n); }
 
 // Hidden dimensions accumulated together: the float64 partial sums (4 KiB) stay in L1 while
 // every token of the sequence streams past once.
