@@ -116,7 +116,7 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
             raise CommandError(f"{data}: labels {unknown} are not in the label mapping {label_map}")
         labels = [label_map[str(y)] for y in labels]
     if limit is not None and limit < 1:
-        raise CommandError(f"--limit must be a positive number of rows, got {limit}")
+        raise CommandError(f"limit must be a positive number of rows, got {limit}")  # --limit, or a suite's
     if limit:
         texts, labels = texts[:limit], labels[:limit]
         pairs = pairs[:limit] if pairs is not None else None

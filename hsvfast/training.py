@@ -82,7 +82,7 @@ def _checked_labels(batch: Dict[str, Any], num_labels: Optional[int], epoch: int
     try:
         labels = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"epoch {epoch + 1}, batch {index}: labels must be class ids 0..{num_labels - 1} "
+        raise ValueError(f"epoch {epoch + 1}, batch {index}: labels must be integer class ids "
                          f"(map string labels to ids first), got {list(labels)[:3]}…") from error
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"epoch {epoch + 1}, batch {index}: labels must be integer class ids, got {labels.dtype}")

@@ -230,6 +230,10 @@ def test_train_refuses_what_would_fail_or_mislead_later():
     floats = [{**b, "labels": b["labels"].float()} for b in batches]
     with pytest.raises(ValueError, match="labels must be integer class ids, got torch.float32"):
         hsvfast.train(classifier, floats, epochs=1, progress=False)
+    from hsvfast.training import _checked_labels
+
+    with pytest.raises(ValueError, match="map string labels to ids first"):  # also for a model without num_labels
+        _checked_labels({"labels": ["pos", "neg"]}, None, 0, 3)
 
 
 def test_classifier_output_works_like_a_transformers_model():
