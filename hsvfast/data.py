@@ -154,13 +154,14 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    all_rows = zip(table[text], table[pair] if pair else [None] * len(table), table[label])
+    label_values = table[label]  # one column object (table[...] builds a new one, or a list, at each access)
+    all_rows = zip(table[text], table[pair] if pair else [None] * len(table), label_values)
     rows = [(t, p, y) for t, p, y in all_rows if y is not None]
     if not rows:
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
     unlabelled = len(table) - len(rows)
     if unlabelled:
-        first = next(i for i, y in enumerate(table[label]) if y is None)
+        first = label_values.index(None)
         warnings.warn(f"{path}: {unlabelled} row(s) have no label in column {label!r} and are left out "
                       f"(the first is data row {first + 1}{', after the header' if header else ''})", stacklevel=2)
         if all(isinstance(y, float) and y.is_integer() for _, _, y in rows):
