@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import hsvfast
 from hsvfast import cli
 from hsvfast.data import read_labelled_text
+from tiny_models import random_batches, tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCES = [("a warm and lovely film", 1), ("dull, flat and far too long", 0), ("a joy from start to end", 1),
@@ -146,9 +148,6 @@ def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, 
 
 
 def test_missing_output_folders_are_made(tmp_path):
-    import hsvfast
-    from tiny_models import random_batches, tiny_model
-
     stats = tmp_path / "s.safetensors"
     hsvfast.score(tiny_model("bert"), random_batches(num_batches=2)).stats.save(stats)
     out, plot = tmp_path / "new" / "deeper" / "r.json", tmp_path / "other" / "p.png"
@@ -157,9 +156,6 @@ def test_missing_output_folders_are_made(tmp_path):
 
 
 def test_plan_writes_the_plan_and_a_lora_config_only_when_layers_are_tuned(tmp_path, capsys):
-    import hsvfast
-    from tiny_models import random_batches, tiny_model
-
     report_path = tmp_path / "r.json"
     report_path.write_text(json.dumps(hsvfast.score(tiny_model("bert"), random_batches()).to_dict()))
     assert cli.main(["plan", str(report_path), "--num-tuned", "1"]) == 0  # ℓ* may be layer 0 of this model
