@@ -4,6 +4,8 @@
 
 Not part of the test suite (timed tests are flaky); compare medians within one run.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,25 @@ def test_score_tiny_bert(benchmark):
                 "labels": torch.randint(0, 3, (32,), generator=g)} for _ in range(8)]
     report = benchmark(lambda: hsvfast.score(model, batches, pooling="mean_all"))
     assert len(report.layers) == 4
+
+
+SST2_TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2" / "train.tsv"
+
+
+@pytest.mark.skipif(not SST2_TRAIN.is_file(), reason="needs ../shared/data/sst2/train.tsv")
+@pytest.mark.parametrize("how", ["read_labelled_text", "csv_module"])
+def test_read_data_file(benchmark, how):
+    """Reading SST-2 train (67,349 rows) as the CLI does, against the standard library's csv reader of the same
+    file (the floor for a pure-Python read). The datasets import is outside the timing (a one-off)."""
+    import csv
+
+    from hsvfast.data import read_labelled_text
+
+    def csv_module():
+        with SST2_TRAIN.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+        return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+    read = (lambda: read_labelled_text(SST2_TRAIN).texts) if how == "read_labelled_text" else (lambda: csv_module()[0])
+    read()
+    assert len(benchmark(read)) == 67349

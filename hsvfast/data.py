@@ -104,6 +104,12 @@ def _first_cause(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _column(table, name: str) -> list:
+    """One column of a datasets table as Python values (for CSV, JSON and Parquet files the row formatter
+    would return the same values: no feature of theirs decodes to anything else)."""
+    return table.data.column(name).to_pylist()
+
+
 def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, flag: str) -> str:
     if wanted is not None:
         name = str(wanted)
@@ -154,8 +160,10 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    label_values = table[label]  # one column object (table[...] builds a new one, or a list, at each access)
-    all_rows = zip(table[text], table[pair] if pair else [None] * len(table), label_values)
+    # Whole columns as lists straight from Arrow: iterating datasets' column objects decodes row by row
+    # (4.8 s instead of 0.01 s for SST-2's 67k rows).
+    label_values = _column(table, label)
+    all_rows = zip(_column(table, text), _column(table, pair) if pair else [None] * len(table), label_values)
     rows = [(t, p, y) for t, p, y in all_rows if y is not None]
     if not rows:
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
