@@ -15,6 +15,8 @@ from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .data import TextColumn
+
 
 @dataclass
 class PaddingStats:
@@ -70,11 +72,16 @@ class BucketedBatches:
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} second sentences")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        for name, column in (("texts", texts), ("text_pairs", text_pairs if text_pairs is not None else ())):
-            bad = next((i for i, text in enumerate(column) if not isinstance(text, str)), None)
-            if bad is not None:
-                raise TypeError(f"{name}[{bad}] is {column[bad]!r}, not a string: drop or fill missing texts first")
-        self.texts, self.labels, self.text_pairs = list(texts), list(labels), text_pairs
+        # A TextColumn (read_labelled_text) is kept as it is: compact, all strings, turned into Python
+        # strings a chunk at a time. Anything else is copied (later changes to it do not matter) and checked.
+        texts, text_pairs = (column if isinstance(column, TextColumn) or column is None else list(column)
+                             for column in (texts, text_pairs))
+        for name, column in (("texts", texts), ("text_pairs", text_pairs)):
+            if isinstance(column, list):
+                bad = next((i for i, text in enumerate(column) if not isinstance(text, str)), None)
+                if bad is not None:
+                    raise TypeError(f"{name}[{bad}] is {column[bad]!r}, not a string: drop or fill missing texts first")
+        self.texts, self.labels, self.text_pairs = texts, list(labels), text_pairs
         self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.chunk_size = batch_size, max_length, batch_size * chunk_batches
         self.padding = PaddingStats()
@@ -144,8 +151,8 @@ class BucketedBatches:
 
     def _encode(self, start: int, stop: int) -> Dict[str, List[List[int]]]:
         """Token ids, special-token masks (and token types) of texts[start:stop], unpadded."""
-        texts = self.texts[start:stop]
-        pairs = self.text_pairs[start:stop] if self.text_pairs is not None else None
+        texts = list(self.texts[start:stop])
+        pairs = list(self.text_pairs[start:stop]) if self.text_pairs is not None else None
         with_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ["token_type_ids"])
         if self._backend is not None:
             encodings = self._backend.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)

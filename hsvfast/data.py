@@ -6,6 +6,10 @@ by position: ``--text-column 3 --label-column 1``), files without a known suffix
 comma-separated, told apart from their first lines; ``delimiter`` says it outright). Columns are
 found by name with defaults (``sentence``/``text``/``sentence1``/``question``/``tweet`` …,
 ``label``/``class``/``category`` …); when that fails, the error lists the columns there are.
+
+Texts stay in Arrow's compact form, memory-mapped from a private temporary file, and become
+Python strings a slice at a time (:class:`TextColumn`): a corpus held as a list of Python strings
+would take about four times the file's size in memory.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, List, Optional, Union
+from typing import Any, Hashable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
 
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "tweet", "#1 String", "content", "review", "document")
 PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "#1 String": "#2 String", "premise": "hypothesis"}
@@ -25,13 +31,68 @@ _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "json", ".jso
 Column = Union[str, int, None]
 
 
+class TextColumn(Sequence[str]):
+    """A read-only sequence of texts backed by an Arrow column: ``len``, indexing, iteration, and slices
+    that are views (no copy). A missing value reads as ``""``, anything else as its ``str``.
+    Compares equal to a list or tuple of the same strings."""
+
+    _BLOCK = 1 << 15  # texts turned into Python strings at a time when iterating
+
+    def __init__(self, array: Any, rows: Optional[np.ndarray] = None, keep_alive: Any = None) -> None:
+        self._array = array  # a pyarrow (Chunked)Array
+        self._rows = rows  # indices into the array of the texts in this view; None: all, in order
+        self._keep_alive = keep_alive  # the temporary folder of a memory-mapped file, removed after the last view
+
+    def __len__(self) -> int:
+        return len(self._array) if self._rows is None else len(self._rows)
+
+    def _values(self, rows: Union[slice, np.ndarray]) -> List[str]:
+        if isinstance(rows, slice):
+            part = self._array.slice(rows.start, rows.stop - rows.start)
+        else:
+            part = self._array.take(rows)
+        return ["" if text is None else str(text) for text in part.to_pylist()]
+
+    def _view(self, rows: Union[slice, np.ndarray]) -> "TextColumn":
+        if self._rows is None and isinstance(rows, slice):
+            return TextColumn(self._array.slice(rows.start, rows.stop - rows.start), None, self._keep_alive)
+        base = np.arange(len(self._array)) if self._rows is None else self._rows
+        return TextColumn(self._array, base[rows], self._keep_alive)
+
+    def __getitem__(self, index: Union[int, slice]) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return self._view(slice(start, max(start, stop)) if step == 1 else np.arange(start, stop, step))
+        position = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= position < len(self):
+            raise IndexError(f"text {index} of {len(self)}")
+        row = position if self._rows is None else int(self._rows[position])
+        return self._values(slice(row, row + 1))[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), self._BLOCK):
+            stop = min(len(self), start + self._BLOCK)
+            yield from self._values(slice(start, stop) if self._rows is None else self._rows[start:stop])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (TextColumn, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # mutable-looking equality, like a list
+
+    def __repr__(self) -> str:
+        return f"TextColumn({len(self)} texts)"
+
+
 @dataclass
 class LabelledText:
-    """Texts (and second texts of pairs) with their labels, read from one file."""
+    """Texts (and second texts of pairs) with their labels, read from one file. ``texts`` and ``pairs``
+    are :class:`TextColumn` s (sequences of strings held compactly); ``labels`` a list."""
 
-    texts: List[str]
+    texts: TextColumn
     labels: List[Hashable]
-    pairs: Optional[List[str]]
+    pairs: Optional[TextColumn]
     text_column: str
     label_column: str
     pair_column: Optional[str]
@@ -68,11 +129,17 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
     kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
 
     def read(builder: str, **options):
-        # Into memory, through a cache folder of this call only: datasets would otherwise keep an Arrow
-        # copy of every file read (and a lock file per file) in the user's cache for good.
-        with tempfile.TemporaryDirectory(prefix="hsvfast-read-") as cache:
-            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
-                                         keep_in_memory=True, **options)
+        # Memory-mapped from an Arrow copy in a cache folder of this call only (datasets would otherwise keep
+        # a copy of every file read, and a lock file per file, in the user's cache for good). The folder
+        # goes when the last column read from it does (TextColumn keeps it alive).
+        cache = tempfile.TemporaryDirectory(prefix="hsvfast-read-")
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache.name,
+                                          **options)
+        except BaseException:
+            cache.cleanup()
+            raise
+        return table, cache
 
     if kind != "csv":
         if delimiter is not None:
@@ -104,10 +171,13 @@ def _first_cause(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _column(table, name: str) -> list:
-    """One column of a datasets table as Python values (for CSV, JSON and Parquet files the row formatter
-    would return the same values: no feature of theirs decodes to anything else)."""
-    return table.data.column(name).to_pylist()
+def _labels(table, name: str) -> List[Hashable]:
+    """The label column as Python values, equal labels sharing one object (a list of a few distinct strings
+    costs 8 bytes a row, not a string object each). Taken from Arrow at once: iterating datasets' column
+    objects decodes row by row (4.8 s instead of 0.01 s for SST-2's 67k rows); for CSV, JSON and Parquet
+    files its row formatter would return the same values."""
+    shared: dict = {}
+    return [shared.setdefault(label, label) for label in table.data.column(name).to_pylist()]
 
 
 def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, flag: str) -> str:
@@ -138,7 +208,7 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
     if header is None:
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
-        table = _load(path, header, delimiter)
+        table, cache = _load(path, header, delimiter)
     except (ValueError, ImportError):
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
@@ -160,24 +230,20 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    # Whole columns as lists straight from Arrow: iterating datasets' column objects decodes row by row
-    # (4.8 s instead of 0.01 s for SST-2's 67k rows).
-    label_values = _column(table, label)
-    all_rows = zip(_column(table, text), _column(table, pair) if pair else [None] * len(table), label_values)
-    rows = [(t, p, y) for t, p, y in all_rows if y is not None]
-    if not rows:
+    labels = _labels(table, label)
+    kept = None  # the labelled rows, when some are not
+    unlabelled = sum(y is None for y in labels)
+    if unlabelled == len(labels):
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
-    unlabelled = len(table) - len(rows)
     if unlabelled:
-        first = label_values.index(None)
+        kept = np.flatnonzero([y is not None for y in labels])
         warnings.warn(f"{path}: {unlabelled} row(s) have no label in column {label!r} and are left out "
-                      f"(the first is data row {first + 1}{', after the header' if header else ''})", stacklevel=2)
-        if all(isinstance(y, float) and y.is_integer() for _, _, y in rows):
+                      f"(the first is data row {labels.index(None) + 1}{', after the header' if header else ''})",
+                      stacklevel=2)
+        labels = [labels[i] for i in kept]
+        if all(isinstance(y, float) and y.is_integer() for y in labels):
             # Integer labels read as floats only because a missing one made the column float (NaN).
-            rows = [(t, p, int(y)) for t, p, y in rows]
-    return LabelledText(
-        texts=["" if t is None else str(t) for t, _, _ in rows],
-        labels=[y for _, _, y in rows],
-        pairs=["" if p is None else str(p) for _, p, _ in rows] if pair else None,
-        text_column=text, label_column=label, pair_column=pair, num_unlabelled=unlabelled,
-    )
+            labels = [int(y) for y in labels]
+    column = lambda name: TextColumn(table.data.column(name), kept, keep_alive=cache)  # noqa: E731
+    return LabelledText(texts=column(text), labels=labels, pairs=column(pair) if pair else None,
+                        text_column=text, label_column=label, pair_column=pair, num_unlabelled=unlabelled)

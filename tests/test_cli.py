@@ -284,6 +284,53 @@ def test_jsonl_and_parquet(tmp_path):
     assert read_labelled_text(tmp_path / "d.parquet").labels == [r["label"] for r in rows]
 
 
+def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, minilm_path):
+    """Texts stay in Arrow form (a view of the labelled rows); every way of reading them gives what the list
+    of their strings gives, and batches made from them are the batches made from that list."""
+    import gc
+    import tempfile
+
+    import transformers as tf
+
+    from hsvfast.batching import BucketedBatches
+
+    rows = [(f"sentence number {i} " + "word " * (i % 7), i % 3) for i in range(40)]
+    rows[5], rows[11] = ("", 1), ("no label here", "")  # an empty text is kept; an unlabelled row left out
+    path = write(tmp_path / "d.tsv", "sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    monkey_temp, tempfile.tempdir = tempfile.tempdir, str(tmp_path)  # see the private Arrow folder come and go
+    try:
+        with pytest.warns(UserWarning, match="1 row"):
+            table = read_labelled_text(path)
+    finally:
+        tempfile.tempdir = monkey_temp
+    expected = [t for t, y in rows if y != ""]
+    texts = table.texts
+    assert len(texts) == len(expected) == len(table.labels) and list(texts) == expected
+    assert [texts[i] for i in range(-len(texts), len(texts))] == expected + expected
+    for index in (len(texts), -len(texts) - 1):
+        with pytest.raises(IndexError):
+            texts[index]
+    for cut in (slice(3, 17), slice(None, None, 4), slice(30, 2, -3), slice(-5, None), slice(20, 10), slice(0, 99)):
+        assert list(texts[cut]) == expected[cut] and len(texts[cut]) == len(expected[cut])
+        assert list(texts[cut][1::2]) == expected[cut][1::2]  # a view of a view
+    assert texts == expected and texts != expected[:-1] and texts[2:4] == tuple(expected[2:4])
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
+    made = [BucketedBatches(column, table.labels, tokenizer, batch_size=4, chunk_batches=3)
+            for column in (texts, expected)]
+    for ours, reference in zip(*made, strict=True):
+        assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+
+    folder, = tmp_path.glob("hsvfast-read-*")
+    view = texts[10:]
+    del table, texts, made
+    gc.collect()
+    assert folder.exists() and list(view) == expected[10:]  # the folder lives as long as a view of it
+    del view
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_unknown_columns_are_listed(tmp_path):
     path = tsv(tmp_path / "x.tsv", header="words\tclass")
     with pytest.raises(ValueError, match=r"the columns are \['words', 'class'\]"):
