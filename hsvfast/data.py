@@ -84,6 +84,10 @@ class TextColumn(Sequence[str]):
     def __repr__(self) -> str:
         return f"TextColumn({len(self)} texts)"
 
+    def __reduce__(self):
+        # Pickled Arrow data travels by value: the copy needs no folder (and must not remove the original's).
+        return TextColumn, (self._array, self._rows)
+
 
 @dataclass
 class LabelledText:

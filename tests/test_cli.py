@@ -288,6 +288,7 @@ def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, 
     """Texts stay in Arrow form (a view of the labelled rows); every way of reading them gives what the list
     of their strings gives, and batches made from them are the batches made from that list."""
     import gc
+    import pickle
     import tempfile
 
     import transformers as tf
@@ -322,6 +323,8 @@ def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, 
         assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
     folder, = tmp_path.glob("hsvfast-read-*")
+    copy = pickle.loads(pickle.dumps(texts[::3]))
+    assert copy == expected[::3] and copy._keep_alive is None  # by value; the copy cannot remove the folder
     view = texts[10:]
     del table, texts, made
     gc.collect()
