@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterator, List, Optional, Sequence, Union
@@ -103,6 +105,15 @@ class LabelledText:
     num_unlabelled: int = 0  # rows left out: no label
 
 
+class _TemporaryFolder:
+    """A private temporary folder removed when the last object holding it goes (or at exit), quietly:
+    ``tempfile.TemporaryDirectory`` warns when it is cleaned up that way."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="hsvfast-read-")
+        self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
+
+
 def _guess_delimiter(path: Path, lines: int = 50) -> str:
     """Tab when most of the first non-empty lines hold one (a stray line is forgiven), else comma."""
     with open(path, "rb") as handle:
@@ -136,12 +147,12 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
         # Memory-mapped from an Arrow copy in a cache folder of this call only (datasets would otherwise keep
         # a copy of every file read, and a lock file per file, in the user's cache for good). The folder
         # goes when the last column read from it does (TextColumn keeps it alive).
-        cache = tempfile.TemporaryDirectory(prefix="hsvfast-read-")
+        cache = _TemporaryFolder()
         try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache.name,
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache.path,
                                           **options)
         except BaseException:
-            cache.cleanup()
+            cache.remove()
             raise
         return table, cache
 
