@@ -153,6 +153,9 @@ def score(
         held_acts.clear()
         current["held_bytes"] = 0
 
+    # Kept out of torch.compile'd graphs: in a compiled model's hooks dynamo would trace the statistics code
+    # and warn at the compiled kernel, then break the graph there anyway (~1 µs a call when not compiled).
+    @torch.compiler.disable
     def fold_held() -> None:
         if held_acts:
             stats.fold_layers(held_positions, held_acts, current["weights"], current["plan"])

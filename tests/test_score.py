@@ -186,6 +186,22 @@ def test_forward_stops_after_deepest_layer_and_cleans_up(kind):
     assert model.training  # mode restored
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_a_compiled_model_is_scored_like_the_eager_one_and_without_dynamo_warnings(kind):
+    # torch.compile'd model: the hooks run inside the compiled frame; dynamo must not trace the statistics
+    # code (it warned at the compiled kernel, "Dynamo does not know how to trace the builtin …").
+    torch._dynamo.reset()
+    model = tiny_model(kind)
+    batches = random_batches(num_batches=3)
+    eager = hsvfast.score(model, batches)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = hsvfast.score(torch.compile(model, backend="eager"), batches)
+    assert not [str(w.message)[:100] for w in caught]
+    assert_same_statistics(compiled.stats, eager.stats, rtol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_progress_bar_counts_scored_batches_and_examples(capsys):
     # The loader is read one batch ahead: a bar over the loader closed before the last batch was scored
     # and printed the examples of all batches but the last.
