@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -102,9 +103,12 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
 
 
 def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
-               delimiter=None, label_map=None, limit=None, layers=None, pooling="mean", max_length=128,
+               delimiter=None, label_map=None, limit=None, seed=0, layers=None, pooling="mean", max_length=128,
                batch_size=64, device=None, progress=True, task=None, model_name=None, **score_options):
-    """Read a labelled file, batch it by length, score it; returns the report."""
+    """Read a labelled file, batch it by length, score it; returns the report. ``limit``: score that many rows
+    drawn at random (``seed``; file order kept) — the first rows of a file sorted by label hold few classes."""
+    import numpy as np
+
     from hsvfast.data import read_labelled_text
 
     table = read_labelled_text(data, text_column=text_column, label_column=label_column, pair_column=pair_column,
@@ -117,9 +121,15 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         labels = [label_map[str(y)] for y in labels]
     if limit is not None and limit < 1:
         raise CommandError(f"limit must be a positive number of rows, got {limit}")  # --limit, or a suite's
-    if limit:
-        texts, labels = texts[:limit], labels[:limit]
-        pairs = pairs[:limit] if pairs is not None else None
+    if limit and limit < len(labels):
+        rows = np.sort(np.random.default_rng(seed).choice(len(labels), size=limit, replace=False))
+        sample = [labels[i] for i in rows]
+        held, there = len(set(sample)), len(set(labels))
+        if held < there:
+            warnings.warn(f"{data}: the {limit:,} rows drawn at random (of {len(labels):,}; seed {seed}) hold {held} of "
+                          f"the file's {there} classes, and ν compares only those: raise the limit to cover them all")
+        texts, labels = texts[rows], sample
+        pairs = pairs[rows] if pairs is not None else None
     return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
                          max_length=max_length, batch_size=batch_size, device=device, progress=progress,
                          task=task or Path(data).name, model_name=model_name, **score_options)
@@ -185,6 +195,7 @@ def run_score(args: argparse.Namespace) -> int:
     report = score_file(model, tokenizer, args.data, text_column=column(args.text_column),
                         pair_column=column(args.text_pair_column), label_column=column(args.label_column),
                         header=False if args.no_header else None, delimiter=args.delimiter, limit=args.limit,
+                        seed=args.seed,
                         layers=parse_layers(args.layers),
                         pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
                         device=args.device, progress=not args.quiet, model_name=display_name(args.model),
@@ -246,7 +257,8 @@ def run_suite(args: argparse.Namespace) -> int:
         return score_file(model, tokenizer, data_file, text_column=task.text_column,
                           pair_column=task.text_pair_column, label_column=task.label_column, header=task.header,
                           delimiter=task.delimiter,
-                          label_map=task.labels or None, limit=args.limit or task.limit, pooling=suite.pooling,
+                          label_map=task.labels or None, limit=args.limit or task.limit, seed=args.seed,
+                          pooling=suite.pooling,
                           max_length=suite.max_length, batch_size=suite.batch_size, device=args.device,
                           progress=not args.quiet, task=task.name, model_name=model_name)
 
@@ -328,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--layers", help="comma-separated block indices (negative from the top); default all")
     score.add_argument("--max-length", type=_positive_int, default=128)
     score.add_argument("--batch-size", type=_positive_int, default=64)
-    score.add_argument("--limit", type=_positive_int, help="score only the first N rows")
+    score.add_argument("--limit", type=_positive_int, help="score N rows drawn at random (file order kept; see --seed); "
+                       "every row when the file has no more")
+    score.add_argument("--seed", type=int, default=0, help="seed of the rows --limit draws (default 0)")
     score.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cpu)")
     score.add_argument("--dtype", default="float32", choices=DTYPES)
     score.add_argument("--out", help="write the JSON report here")
@@ -374,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--models", help="comma-separated local model folders (default: MiniLM)")
     suite.add_argument("--data-dir", required=True, help="folder the suite's file paths are relative to")
     suite.add_argument("--out", required=True, help="results folder (existing results are kept and skipped)")
-    suite.add_argument("--limit", type=_positive_int, help="score only the first N rows of each task")
+    suite.add_argument("--limit", type=_positive_int, help="score N rows of each task, drawn at random (see --seed)")
+    suite.add_argument("--seed", type=int, default=0, help="seed of the rows a limit draws (default 0)")
     suite.add_argument("--device")
     suite.add_argument("--dtype", default="float32", choices=DTYPES)
     suite.add_argument("--quiet", action="store_true")
@@ -388,8 +403,6 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import warnings
-
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = warnings.formatwarning

@@ -56,15 +56,23 @@ class TextColumn(Sequence[str]):
         return ["" if text is None else str(text) for text in part.to_pylist()]
 
     def _view(self, rows: Union[slice, np.ndarray]) -> "TextColumn":
+        """The texts at ``rows`` of this view (a step-1 slice, or positions in range) as a new view."""
         if self._rows is None and isinstance(rows, slice):
             return TextColumn(self._array.slice(rows.start, rows.stop - rows.start), None, self._keep_alive)
-        base = np.arange(len(self._array)) if self._rows is None else self._rows
-        return TextColumn(self._array, base[rows], self._keep_alive)
+        if self._rows is None:
+            return TextColumn(self._array, rows, self._keep_alive)
+        return TextColumn(self._array, self._rows[rows], self._keep_alive)
 
-    def __getitem__(self, index: Union[int, slice]) -> Any:
+    def __getitem__(self, index: Union[int, slice, Sequence[int], np.ndarray]) -> Any:
+        """A text (an int), or a view: a slice, or a sequence of positions (``texts[[0, 5, 9]]``, as numpy)."""
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             return self._view(slice(start, max(start, stop)) if step == 1 else np.arange(start, stop, step))
+        if isinstance(index, (list, tuple, np.ndarray)):
+            positions = np.asarray(index, dtype=np.int64).reshape(-1)
+            if positions.size and not (-len(self) <= positions.min() and positions.max() < len(self)):
+                raise IndexError(f"positions must lie in [{-len(self)}, {len(self)}) for {len(self)} texts")
+            return self._view(np.where(positions < 0, positions + len(self), positions))
         position = int(index) + (len(self) if index < 0 else 0)
         if not 0 <= position < len(self):
             raise IndexError(f"text {index} of {len(self)}")

@@ -4,7 +4,7 @@ A suite file (TOML) has optional ``[defaults]`` (``max_length``, ``batch_size``,
 ``[[task]]`` entries: ``name``, ``file`` (relative to the data folder), ``text_column``,
 ``text_pair_column``, ``label_column`` (names, or 0-based positions with ``header = false``),
 optional ``delimiter`` (of delimited text; ``"tab"`` for a tab), ``labels = { name = id, ... }``
-(a label mapping) and ``limit`` (first N rows).
+(a label mapping) and ``limit`` (N rows drawn at random; the CLI's ``--seed``).
 """
 from __future__ import annotations
 

@@ -316,6 +316,12 @@ def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, 
         assert list(texts[cut]) == expected[cut] and len(texts[cut]) == len(expected[cut])
         assert list(texts[cut][1::2]) == expected[cut][1::2]  # a view of a view
     assert texts == expected and texts != expected[:-1] and texts[2:4] == tuple(expected[2:4])
+    picks = [0, 7, 7, -1, 3]
+    assert list(texts[picks]) == [expected[i] for i in picks] == list(texts[np.array(picks)])
+    assert list(texts[5:][[0, -2]]) == [expected[5], expected[-2]] and len(texts[[]]) == 0
+    for outside in ([len(texts)], [0, -len(texts) - 1]):
+        with pytest.raises(IndexError, match="positions must lie in"):
+            texts[outside]
 
     tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
     made = [BucketedBatches(column, table.labels, tokenizer, batch_size=4, chunk_batches=3)
@@ -343,6 +349,28 @@ def test_unknown_columns_are_listed(tmp_path):
         read_labelled_text(path)
     with pytest.raises(ValueError, match="no label column 'target'"):
         read_labelled_text(path, text_column="words", label_column="target")
+
+
+def test_limit_draws_rows_at_random_and_says_when_classes_are_left_out(tmp_path, tiny_model_dir):
+    # A file sorted by label, as BANKING77's is: its first rows hold one class (the old --limit took those).
+    rows = [(f"{word} number {i}", word) for word in ("red", "green", "blue") for i in range(30)]
+    path = tsv(tmp_path / "sorted.tsv", rows=rows)
+
+    def scored(*options):
+        out = tmp_path / "r.json"
+        assert cli.main(["score", "--model", str(tiny_model_dir), "--data", str(path), "--out", str(out), "--quiet",
+                         *options]) == 0
+        return json.loads(out.read_text())
+
+    first = scored("--limit", "20")
+    assert sum(first["class_counts"].values()) == 20 and set(first["class_counts"]) == {"red", "green", "blue"}
+    assert scored("--limit", "20") == first  # the same seed draws the same rows
+    assert scored("--limit", "20", "--seed", "1")["metrics"] != first["metrics"]
+    assert sum(scored("--limit", "500")["class_counts"].values()) == 90  # more than the file holds: every row
+    rare = tsv(tmp_path / "rare.tsv", rows=rows[:60] + [("a lone one", "violet")])
+    with pytest.warns(UserWarning, match=r"the 10 rows drawn at random \(of 61; seed 0\) hold 2 of the file's 3 "
+                                         r"classes, and ν compares only those"):
+        cli.main(["score", "--model", str(tiny_model_dir), "--data", str(rare), "--limit", "10", "--quiet"])
 
 
 # ------------------------------------------------------------------------------------------- suites
