@@ -168,7 +168,10 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
         if delimiter is not None:
             raise ValueError(f"{path}: a delimiter is for delimited text, not {path.suffix} files; leave it out")
         return read(kind)
-    options = dict(sep=_delimiter(path, delimiter), header="infer" if header else None)
+    # Only an empty field is missing: pandas' defaults also read "NA", "null", "None", "n/a", "nan" … as
+    # missing, which would turn such texts into empty ones and drop rows whose label is "NA".
+    options = dict(sep=_delimiter(path, delimiter), header="infer" if header else None, keep_default_na=False,
+                   na_values=[""])
     if options["sep"] == "\t":
         options["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold bare double quotes
     verbosity = datasets.logging.get_verbosity()

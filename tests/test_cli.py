@@ -245,6 +245,18 @@ def test_empty_texts_are_kept_and_unlabelled_rows_left_out_with_a_warning(tmp_pa
     assert table.labels == [1, 0, 0] and all(type(y) is int for y in table.labels)  # not 1.0: NaN made it float
 
 
+@pytest.mark.parametrize("suffix", ["tsv", "csv"])
+def test_texts_and_labels_that_look_like_missing_values_are_read_as_they_are(tmp_path, suffix):
+    # pandas reads "NA", "null", "None", "n/a", "nan" … as missing by default: such texts became empty and a
+    # row labelled "NA" (a class of that name) was left out as unlabelled.
+    words = ["null", "NA", "None", "n/a", "nan", "#N/A", "NULL"]
+    separator = "\t" if suffix == "tsv" else ","
+    path = write(tmp_path / f"na.{suffix}", f"text{separator}label\n" + "".join(
+        f"{word}{separator}{'NA' if i % 2 else 'ok'}\n" for i, word in enumerate(words)))
+    table = read_labelled_text(path)
+    assert list(table.texts) == words and table.labels == ["ok", "NA"] * 3 + ["ok"] and table.num_unlabelled == 0
+
+
 def test_cli_prints_warnings_as_one_line_and_counts_what_it_skipped(tmp_path, tiny_model_dir):
     rows = "".join(f"{t}\t{y}\n" for t, y in SENTENCES)
     path = write(tmp_path / "e.tsv", "sentence\tlabel\n" + rows + "\t1\nno label\t\n")
