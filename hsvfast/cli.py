@@ -6,13 +6,14 @@ exit with code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 DEMO_DATA = Path(__file__).parent / "samples" / "demo_sentiment.tsv"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -130,6 +131,14 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
                           f"the file's {there} classes, and ν compares only those: raise the limit to cover them all")
         texts, labels = texts[rows], sample
         pairs = pairs[rows] if pairs is not None else None
+    from hsvfast.distributed import is_distributed
+
+    if is_distributed():  # this rank's share: rows rank, rank + world, … (hsvfast.distributed.ShardSampler)
+        import torch.distributed as dist
+
+        rows = np.arange(dist.get_rank(), len(labels), dist.get_world_size())
+        texts, labels = texts[rows], [labels[i] for i in rows]
+        pairs = pairs[rows] if pairs is not None else None
     return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
                          max_length=max_length, batch_size=batch_size, device=device, progress=progress,
                          task=task or Path(data).name, model_name=model_name, **score_options)
@@ -185,23 +194,56 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def torchrun_group(device: Optional[str]) -> Iterator[Tuple[int, Optional[str]]]:
+    """Under torchrun (``WORLD_SIZE`` > 1): a process group for this command (NCCL on CUDA, gloo on the CPU)
+    and this rank's device (``cuda`` becomes ``cuda:LOCAL_RANK``). Yields (rank, device); elsewhere (0, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0, device
+        return
+    import torch
+    import torch.distributed as dist
+
+    from hsvfast.scoring import available_device
+
+    target = torch.device(device or "cpu")
+    if target.type == "cuda":
+        if target.index is None:
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(available_device(target))
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), str(target)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
 def run_score(args: argparse.Namespace) -> int:
     check_writable(out=args.out, plot=args.plot, save_stats=args.save_stats, checkpoint=args.checkpoint)
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
 
     def column(value):
         return int(value) if value is not None and value.lstrip("-").isdigit() else value
 
-    report = score_file(model, tokenizer, args.data, text_column=column(args.text_column),
-                        pair_column=column(args.text_pair_column), label_column=column(args.label_column),
-                        header=False if args.no_header else None, delimiter=args.delimiter, limit=args.limit,
-                        seed=args.seed,
-                        layers=parse_layers(args.layers),
-                        pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
-                        device=args.device, progress=not args.quiet, model_name=display_name(args.model),
-                        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                        max_memory=int(args.max_memory * 2**30),
-                        cuda_graphs={"on": True, "off": False, "auto": "auto"}[args.cuda_graphs])
+    # Under torchrun every rank scores its share of the rows; rank 0 alone prints and writes (its warnings
+    # stand for all: the others would repeat them).
+    with torchrun_group(args.device) as (rank, device), warnings.catch_warnings():
+        if rank:
+            warnings.simplefilter("ignore")
+        model, tokenizer = load_model(args.model, args.dtype, device)
+        report = score_file(model, tokenizer, args.data, text_column=column(args.text_column),
+                            pair_column=column(args.text_pair_column), label_column=column(args.label_column),
+                            header=False if args.no_header else None, delimiter=args.delimiter, limit=args.limit,
+                            seed=args.seed, layers=parse_layers(args.layers),
+                            pooling=args.pooling, max_length=args.max_length, batch_size=args.batch_size,
+                            device=device, progress=not args.quiet and rank == 0, model_name=display_name(args.model),
+                            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                            max_memory=int(args.max_memory * 2**30),
+                            cuda_graphs={"on": True, "off": False, "auto": "auto"}[args.cuda_graphs])
+    if rank:
+        return 0
     if args.save_stats:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
@@ -242,6 +284,8 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_suite(args: argparse.Namespace) -> int:
     from hsvfast.suite import load_suite, run_suite as run
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would race to write (and skip) the same results
+        raise CommandError("suite runs in one process; under torchrun score each task with `hsvfast score`")
     suite = load_suite(args.suite)
     check_writable(out=str(Path(args.out) / "summary.md"))  # the results folder: made if missing, never a file
     default = display_name(None)

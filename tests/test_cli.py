@@ -385,6 +385,29 @@ def test_limit_draws_rows_at_random_and_says_when_classes_are_left_out(tmp_path,
         cli.main(["score", "--model", str(tiny_model_dir), "--data", str(rare), "--limit", "10", "--quiet"])
 
 
+def test_score_under_torchrun_gives_the_single_process_report_and_writes_once(tmp_path, tiny_model_dir):
+    # Two gloo ranks, each scoring every other row of a 40-row random sample, with too little memory for
+    # per-class matrices (so the class counts come from both ranks' pre-passes): the report of one process.
+    rows = [(f"{word} number {i} " + "and more " * (i % 5), word) for word in ("red", "green", "blue")
+            for i in range(25)]
+    path = tsv(tmp_path / "d.tsv", rows=rows)
+    options = ["score", "--model", tiny_model_dir, "--data", path, "--limit", "40", "--max-memory", "0.00001",
+               "--quiet"]
+    single = run_cli(*options, "--out", tmp_path / "one.json")
+    assert single.returncode == 0, single.stderr
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hsvfast",
+         *map(str, options), "--out", str(tmp_path / "two.json"), "--save-stats", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("| layer |") == 1 and launched.stdout.count("wrote") == 2  # rank 0 alone
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["class_counts"] == one["class_counts"] and two["num_examples"] == one["num_examples"] == 40
+    assert hsvfast.load_statistics(tmp_path / "two.safetensors").mode == "balanced"
+    for name, values in one["metrics"].items():  # batches differ (each rank buckets its own rows): float noise
+        np.testing.assert_allclose(two["metrics"][name], values, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- suites
 
 
@@ -430,6 +453,12 @@ labels = { no = 0, yes = 1 }
     log = capsys.readouterr().out
     assert "single: done before, skipped" in log and "pairs: ℓ* =" in log
     assert (model_dir / "single.json").stat().st_mtime_ns == before and (model_dir / "pairs.json").exists()
+
+
+def test_suite_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["suite", "glue", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "under torchrun score each task with `hsvfast score`" in capsys.readouterr().err
 
 
 def test_shipped_glue_suite_parses():
