@@ -363,6 +363,26 @@ def test_unknown_columns_are_listed(tmp_path):
         read_labelled_text(path, text_column="words", label_column="target")
 
 
+def test_text_column_over_several_arrow_chunks_reads_like_the_list():
+    # A large file reaches us as an Arrow column of many chunks: slices and picks cross their boundaries.
+    import pyarrow as pa
+
+    from hsvfast.data import TextColumn
+
+    texts = [f"text {i}" if i % 11 else None for i in range(100)]
+    expected = ["" if t is None else t for t in texts]
+    column = TextColumn(pa.chunked_array([texts[:7], texts[7:8], [], texts[8:64], texts[64:]]))
+    column._BLOCK = 16  # iterate in blocks that straddle chunks too
+    assert list(column) == expected and [column[i] for i in range(-100, 100)] == expected * 2
+    for cut in (slice(5, 70), slice(6, 9), slice(63, 65), slice(None, None, -7), slice(90, 3, -2)):
+        assert list(column[cut]) == expected[cut] and list(column[cut][::3]) == expected[cut][::3]
+    picks = np.random.default_rng(0).integers(-100, 100, size=50)
+    assert list(column[picks]) == [expected[i] for i in picks]
+    kept = np.flatnonzero([t is not None for t in texts])  # the labelled rows of a file, as read_labelled_text keeps
+    view = TextColumn(column._array, kept)
+    assert list(view) == [expected[i] for i in kept] and list(view[10:40:3]) == [expected[i] for i in kept[10:40:3]]
+
+
 def test_limit_draws_rows_at_random_and_says_when_classes_are_left_out(tmp_path, tiny_model_dir):
     # A file sorted by label, as BANKING77's is: its first rows hold one class (the old --limit took those).
     rows = [(f"{word} number {i}", word) for word in ("red", "green", "blue") for i in range(30)]
