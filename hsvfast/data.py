@@ -3,7 +3,8 @@
 Quirks handled: CRLF line ends, TSVs read with quoting off (GLUE files hold bare double quotes),
 a UTF-8 byte-order mark, latin-1 files, files with or without a header row (columns then named
 by position: ``--text-column 3 --label-column 1``), files without a known suffix (tab- or
-comma-separated, told apart from their first lines; ``delimiter`` says it outright). Columns are
+comma-separated, told apart from their first lines; ``delimiter`` says it outright), several files
+of one format read as one (a list, or a glob pattern like ``shards/*.jsonl``). Columns are
 found by name with defaults (``sentence``/``text``/``sentence1``/``question``/``tweet`` …,
 ``label``/``class``/``category`` …); when that fails, the error lists the columns there are.
 
@@ -13,7 +14,9 @@ would take about four times the file's size in memory.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import glob
 import os
 import shutil
 import tempfile
@@ -31,6 +34,7 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "Quality", "target", "i
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 Column = Union[str, int, None]
+DataFiles = Union[str, Path, Sequence[Union[str, Path]]]
 
 
 class TextColumn(Sequence[str]):
@@ -141,7 +145,47 @@ def _delimiter(path: Path, delimiter: Optional[str]) -> str:
     return "," if suffix == ".csv" else _guess_delimiter(path)
 
 
-def _load(path: Path, header: bool, delimiter: Optional[str]):
+def data_files(spec: DataFiles) -> List[Path]:
+    """The files ``spec`` names, in order: a path, a glob pattern (``shards/*.jsonl``; its matches sorted), or
+    a list of either. All of one format; none twice (its rows would count twice)."""
+    files: List[Path] = []
+    for item in [spec] if isinstance(spec, (str, Path)) else list(spec):
+        path = Path(item)
+        if path.is_file():
+            files.append(path)
+        elif any(mark in str(item) for mark in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ValueError(f"no data file matches {item}")
+            files += matches
+        else:
+            raise ValueError(f"data file {path} does not exist")
+    if not files:
+        raise ValueError("no data file given")
+    seen: dict = {}
+    for index, path in enumerate(files):
+        first = seen.setdefault(path.resolve(), index)
+        if first != index:
+            raise ValueError(f"data file {path} is given twice (as {files[first]}): its rows would count twice")
+    kinds = {_FORMATS.get(p.suffix.lower(), "csv") for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"the data files are of different formats ({', '.join(sorted(kinds))}): pass files of one")
+    return files
+
+
+def _decodes_as_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _load(files: List[Path], header: bool, delimiter: Optional[str]):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
@@ -149,6 +193,7 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
         raise ImportError("reading data files needs 🤗 datasets: pip install datasets (or hsvfast[data])") from error
 
     datasets.disable_progress_bars()
+    path = files[0]  # its suffix (and, for delimited text without a known suffix, its lines) stand for all
     kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
 
     def read(builder: str, **options):
@@ -157,8 +202,8 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
         # goes when the last column read from it does (TextColumn keeps it alive).
         cache = _TemporaryFolder()
         try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache.path,
-                                          **options)
+            table = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                          cache_dir=cache.path, **options)
         except BaseException:
             cache.remove()
             raise
@@ -170,7 +215,11 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
         return read(kind)
     # Only an empty field is missing: pandas' defaults also read "NA", "null", "None", "n/a", "nan" … as
     # missing, which would turn such texts into empty ones and drop rows whose label is "NA".
-    options = dict(sep=_delimiter(path, delimiter), header="infer" if header else None, keep_default_na=False,
+    separators = {_delimiter(f, delimiter) for f in files}
+    if len(separators) > 1:
+        raise ValueError(f"the data files use different field separators ({', '.join(map(repr, sorted(separators)))}): "
+                         "pass files of one kind, or say the separator with --delimiter")
+    options = dict(sep=separators.pop(), header="infer" if header else None, keep_default_na=False,
                    na_values=[""])
     if options["sep"] == "\t":
         options["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold bare double quotes
@@ -183,6 +232,12 @@ def _load(path: Path, header: bool, delimiter: Optional[str]):
             except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
                 if not isinstance(error, UnicodeDecodeError) and not isinstance(error.__cause__, UnicodeDecodeError):
                     raise
+            if len(files) > 1:  # one encoding is read for all: latin-1 would garble the files that are UTF-8
+                utf8 = [f for f in files if _decodes_as_utf8(f)]
+                if utf8:
+                    other = next(f for f in files if f not in utf8)
+                    raise ValueError(f"{other} is not UTF-8 but {utf8[0]} is: convert it (iconv -f latin1 -t utf-8) "
+                                     "to read the files together")
     finally:
         datasets.logging.set_verbosity(verbosity)
     raise ValueError(f"{path}: cannot decode the file as UTF-8 or latin-1")
@@ -206,7 +261,7 @@ def _labels(table, name: str) -> List[Hashable]:
     return [shared.setdefault(label, label) for label in table.data.column(name).to_pylist()]
 
 
-def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, flag: str) -> str:
+def _pick(columns: List[str], wanted: Column, defaults, what: str, path: "Path | str", flag: str) -> str:
     if wanted is not None:
         name = str(wanted)
         if name not in columns:
@@ -219,30 +274,35 @@ def _pick(columns: List[str], wanted: Column, defaults, what: str, path: Path, f
                      " (or a 0-based position with --no-header)")
 
 
-def read_labelled_text(path: "str | Path", text_column: Column = None, label_column: Column = None,
+def read_labelled_text(path: DataFiles, text_column: Column = None, label_column: Column = None,
                        pair_column: Column = None, header: Optional[bool] = None,
                        delimiter: Optional[str] = None) -> LabelledText:
-    """Read a labelled text file; see the module docstring for formats and defaults.
+    """Read a labelled text file (or several of one format, as one: a list, or a glob pattern); see the module
+    docstring for formats and defaults.
 
     ``header=None`` assumes a header row unless a column is given as a position (an int).
     ``delimiter``: the field separator of delimited text (``"tab"`` for a tab); default: tab for
     ``.tsv``/``.txt``, comma for ``.csv``, guessed from the first lines for any other suffix.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
+    files = data_files(path)
+    # Messages name the file, or the first of several.
+    path = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more file(s))"
     if header is None:
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
-        table, cache = _load(path, header, delimiter)
+        table, cache = _load(files, header, delimiter)
     except (ValueError, ImportError):
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
-        kind = _FORMATS.get(path.suffix.lower())
+        kind = _FORMATS.get(files[0].suffix.lower())
         what = "JSON" if kind == "json" else "Parquet" if kind == "parquet" else "delimited text"
         hint = "; check the delimiter (--delimiter) and whether there is a header row (--no-header)" \
             if what == "delimited text" else ""
-        raise ValueError(f"{path}: cannot read it as {what}: {_first_cause(error)}{hint}") from error
+        cause = _first_cause(error)
+        if len(files) > 1 and cause.startswith("Couldn't cast"):  # datasets' words when the files' tables differ
+            raise ValueError(f"{path}: the files cannot be read as one table: their columns, or the types of their "
+                             "values, differ; every file needs the same columns") from error
+        raise ValueError(f"{path}: cannot read it as {what}: {cause}{hint}") from error
     columns = list(table.column_names)
     if text_column is None and pair_column is None:  # a sentence-pair layout wins (QNLI: question + sentence)
         text_column = next((first for first, second in PAIR_COLUMNS.items()
@@ -263,9 +323,11 @@ def read_labelled_text(path: "str | Path", text_column: Column = None, label_col
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
     if unlabelled:
         kept = np.flatnonzero([y is not None for y in labels])
+        where = f"data row {labels.index(None) + 1}{', after the header' if header else ''}"
+        if len(files) > 1:
+            where = f"row {labels.index(None) + 1} of the files' data rows in order"
         warnings.warn(f"{path}: {unlabelled} row(s) have no label in column {label!r} and are left out "
-                      f"(the first is data row {labels.index(None) + 1}{', after the header' if header else ''})",
-                      stacklevel=2)
+                      f"(the first is {where})", stacklevel=2)
         labels = [labels[i] for i in kept]
         if all(isinstance(y, float) and y.is_integer() for y in labels):
             # Integer labels read as floats only because a missing one made the column float (NaN).

@@ -1,7 +1,8 @@
 """Benchmark suites: score every (model, task) of a suite file, resumable, with combined tables.
 
 A suite file (TOML) has optional ``[defaults]`` (``max_length``, ``batch_size``, ``pooling``) and
-``[[task]]`` entries: ``name``, ``file`` (relative to the data folder), ``text_column``,
+``[[task]]`` entries: ``name``, ``file`` (relative to the data folder; a glob pattern, or a list of files
+of one format, reads them as one corpus), ``text_column``,
 ``text_pair_column``, ``label_column`` (names, or 0-based positions with ``header = false``),
 optional ``delimiter`` (of delimited text; ``"tab"`` for a tab), ``labels = { name = id, ... }``
 (a label mapping) and ``limit`` (N rows drawn at random; the CLI's ``--seed``).
@@ -31,7 +32,7 @@ _TASK_KEYS = {"name", "file", "text_column", "text_pair_column", "label_column",
 @dataclass
 class Task:
     name: str
-    file: str
+    file: "str | List[str]"
     text_column: Any = None
     text_pair_column: Any = None
     label_column: Any = None
@@ -81,7 +82,8 @@ def slug(name: str) -> str:
 
 
 def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_dir: "str | Path",
-              score_task: Callable[[str, Task, Suite, Path], Report], log: Callable[[str], None] = print
+              score_task: Callable[[str, Task, Suite, "Path | List[Path]"], Report],
+              log: Callable[[str], None] = print
               ) -> Dict[tuple, Report]:
     """Score every (model, task) not already in ``out_dir``; write the combined tables and grid plot.
 
@@ -101,7 +103,8 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
                     continue
                 except (ValueError, KeyError, json.JSONDecodeError):
                     log(f"{slug(model)} / {task.name}: unreadable earlier result, scoring again")
-            report = score_task(model, task, suite, data_dir / task.file)
+            files = [data_dir / f for f in task.file] if isinstance(task.file, list) else data_dir / task.file
+            report = score_task(model, task, suite, files)
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_suffix(".json.tmp")
             temporary.write_text(json.dumps(report.to_dict(), indent=2))

@@ -355,6 +355,57 @@ def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, 
     assert not folder.exists() and not caught  # removed quietly (TemporaryDirectory would warn here)
 
 
+def test_several_files_of_one_format_are_read_as_one_corpus(tmp_path):
+    parts = [SENTENCES[:5], SENTENCES[5:13], SENTENCES[13:]]
+    for k, rows in enumerate(parts):
+        tsv(tmp_path / f"part-{k}.tsv", rows=rows)  # each with its own header row
+    names = [tmp_path / f"part-{k}.tsv" for k in range(3)]
+    for spec in (names, str(tmp_path / "part-*.tsv"), [names[0], str(tmp_path / "part-[12].tsv")]):
+        table = read_labelled_text(spec)
+        assert list(table.texts) == [t for t, _ in SENTENCES] and table.labels == [y for _, y in SENTENCES]
+    jsonl = write(tmp_path / "d.jsonl", json.dumps({"text": "a", "label": 1}) + "\n")
+    refused = [
+        ([names[0], names[1], str(names[0])], "is given twice"),
+        ([names[0], jsonl], r"of different formats \(csv, json\)"),
+        ([names[0], write(tmp_path / "c.csv", "text,label\na,1\n")], "different field separators"),
+        ([names[0], write(tmp_path / "other.tsv", "words\tclass\na\t1\n")], "their columns, or the types"),
+        (str(tmp_path / "none-*.tsv"), "no data file matches"),
+    ]
+    for spec, message in refused:
+        with pytest.raises(ValueError, match=message):
+            read_labelled_text(spec)
+
+
+def test_files_in_latin1_are_read_together_but_not_with_utf8_ones(tmp_path):
+    utf8 = tsv(tmp_path / "u.tsv", rows=[("déjà vu", 1), ("plain", 0)])
+    latin = [tsv(tmp_path / f"l{k}.tsv", rows=[("café crème", k), ("naïve", 1 - k)], encoding="latin-1")
+             for k in range(2)]
+    assert list(read_labelled_text(latin).texts) == ["café crème", "naïve"] * 2
+    with pytest.raises(ValueError, match=r"l0.tsv is not UTF-8 but .*u.tsv is: convert it"):
+        read_labelled_text([utf8, *latin])
+
+
+def test_cli_scores_several_files_as_the_file_of_their_rows(tmp_path, tiny_model_dir):
+    from hsvfast.suite import Suite, Task, run_suite
+
+    tsv(tmp_path / "a.tsv", rows=SENTENCES[:10])
+    tsv(tmp_path / "b.tsv", rows=SENTENCES[10:])
+    tsv(tmp_path / "all.tsv")
+    reports = []
+    for data in (["all.tsv"], ["a.tsv", "b.tsv"]):
+        out = tmp_path / f"{len(data)}.json"
+        assert cli.main(["score", "--model", str(tiny_model_dir), "--data", *[str(tmp_path / d) for d in data],
+                         "--out", str(out), "--quiet"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[1]["task"] == "a.tsv (+1)"
+    assert reports[1]["metrics"] == reports[0]["metrics"] and reports[1]["class_counts"] == reports[0]["class_counts"]
+    seen = []  # a suite task's list of files reaches the scorer as paths under the data folder
+    run_suite(Suite(tasks=[Task(name="t", file=["a.tsv", "b.tsv"])]), ["m"], tmp_path, tmp_path / "out",
+              lambda model, task, suite, files: seen.append(files) or hsvfast.Report.from_dict(reports[1]),
+              log=lambda line: None)
+    assert seen == [[tmp_path / "a.tsv", tmp_path / "b.tsv"]]
+
+
 def test_unknown_columns_are_listed(tmp_path):
     path = tsv(tmp_path / "x.tsv", header="words\tclass")
     with pytest.raises(ValueError, match=r"the columns are \['words', 'class'\]"):
