@@ -18,6 +18,7 @@ import codecs
 import csv
 import glob
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -34,6 +35,7 @@ LABEL_COLUMNS = ("label", "labels", "class", "category", "Quality", "target", "i
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 Column = Union[str, int, None]
+_MAX_COLUMNS = 1024  # columns of a delimited file read as text (pandas ignores converters of columns not there)
 DataFiles = Union[str, Path, Sequence[Union[str, Path]]]
 
 
@@ -213,14 +215,16 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str]):
         if delimiter is not None:
             raise ValueError(f"{path}: a delimiter is for delimited text, not {path.suffix} files; leave it out")
         return read(kind)
-    # Only an empty field is missing: pandas' defaults also read "NA", "null", "None", "n/a", "nan" … as
-    # missing, which would turn such texts into empty ones and drop rows whose label is "NA".
+    # Every field as the text it is: pandas would read a column of "007", "1.50" as the numbers 7 and 1.5
+    # (labels get their types in _labels). Only an empty field is missing: pandas' defaults also read "NA",
+    # "null", "None", "n/a", "nan" … as missing, turning such texts into empty ones and dropping rows
+    # labelled "NA".
     separators = {_delimiter(f, delimiter) for f in files}
     if len(separators) > 1:
         raise ValueError(f"the data files use different field separators ({', '.join(map(repr, sorted(separators)))}): "
                          "pass files of one kind, or say the separator with --delimiter")
     options = dict(sep=separators.pop(), header="infer" if header else None, keep_default_na=False,
-                   na_values=[""])
+                   na_values=[""], converters={column: str for column in range(_MAX_COLUMNS)})
     if options["sep"] == "\t":
         options["quoting"] = csv.QUOTE_NONE  # GLUE TSVs hold bare double quotes
     verbosity = datasets.logging.get_verbosity()
@@ -252,13 +256,24 @@ def _first_cause(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _labels(table, name: str) -> List[Hashable]:
+def _labels(table, name: str, delimited: bool) -> List[Hashable]:
     """The label column as Python values, equal labels sharing one object (a list of a few distinct strings
     costs 8 bytes a row, not a string object each). Taken from Arrow at once: iterating datasets' column
     objects decodes row by row (4.8 s instead of 0.01 s for SST-2's 67k rows); for CSV, JSON and Parquet
     files its row formatter would return the same values."""
     shared: dict = {}
-    return [shared.setdefault(label, label) for label in table.data.column(name).to_pylist()]
+    labels = [shared.setdefault(label, label) for label in table.data.column(name).to_pylist()]
+    if delimited:  # read as text: integer labels (or decimals, which score refuses) get their type back
+        texts = [text for text in shared if text is not None]
+        for pattern, parse in ((_INTEGER, int), (_DECIMAL, float)):
+            if all(pattern.fullmatch(text) for text in texts):
+                parsed = {text: parse(text) for text in texts}
+                return [None if label is None else parsed[label] for label in labels]
+    return labels
+
+
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 
 
 def _pick(columns: List[str], wanted: Column, defaults, what: str, path: "Path | str", flag: str) -> str:
@@ -316,7 +331,7 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    labels = _labels(table, label)
+    labels = _labels(table, label, delimited=_FORMATS.get(files[0].suffix.lower(), "csv") == "csv")
     kept = None  # the labelled rows, when some are not
     unlabelled = sum(y is None for y in labels)
     if unlabelled == len(labels):

@@ -257,6 +257,20 @@ def test_texts_and_labels_that_look_like_missing_values_are_read_as_they_are(tmp
     assert list(table.texts) == words and table.labels == ["ok", "NA"] * 3 + ["ok"] and table.num_unlabelled == 0
 
 
+def test_delimited_fields_are_read_as_the_text_they_are(tmp_path):
+    # pandas read a column of numbers as numbers: "007" became 7 and "1.50" 1.5 (then "7", "1.5" as texts).
+    path = write(tmp_path / "n.tsv", "text\tlabel\tcode\n007\t1\t01\n1.50\t0\t02\n12\t\t01\n1e3\t1\t10\n")
+    with pytest.warns(UserWarning, match="1 row"):
+        table = read_labelled_text(path)
+    assert list(table.texts) == ["007", "1.50", "1e3"] and table.labels == [1, 0, 1]  # integer labels stay ints
+    coded = read_labelled_text(path, text_column="text", label_column="code")
+    assert coded.labels == [1, 2, 1, 10] and list(coded.texts) == ["007", "1.50", "12", "1e3"]
+    decimals = write(tmp_path / "d.tsv", "text\tlabel\na\t0.5\nb\t2\n")
+    assert read_labelled_text(decimals).labels == [0.5, 2.0]  # decimals stay numbers: score refuses them
+    words = write(tmp_path / "w.tsv", "text\tlabel\na\t1_000\nb\t 7 \n")
+    assert read_labelled_text(words).labels == ["1_000", " 7 "]  # not all integers: labels as written
+
+
 def test_cli_prints_warnings_as_one_line_and_counts_what_it_skipped(tmp_path, tiny_model_dir):
     rows = "".join(f"{t}\t{y}\n" for t, y in SENTENCES)
     path = write(tmp_path / "e.tsv", "sentence\tlabel\n" + rows + "\t1\nno label\t\n")
