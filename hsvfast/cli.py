@@ -112,9 +112,11 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
     import numpy as np
 
     from hsvfast.data import read_labelled_text
+    from hsvfast.distributed import is_distributed
 
     table = read_labelled_text(data, text_column=text_column, label_column=label_column, pair_column=pair_column,
-                               header=header, delimiter=delimiter)
+                               header=header, delimiter=delimiter,
+                               shared_folder=torchrun_read_folder() if is_distributed() else None)
     texts, pairs, labels = table.texts, table.pairs, table.labels
     shown = data if isinstance(data, (str, Path)) else ", ".join(map(str, data))  # for messages
     if label_map:
@@ -133,8 +135,6 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
                           f"the file's {there} classes, and ν compares only those: raise the limit to cover them all")
         texts, labels = texts[rows], sample
         pairs = pairs[rows] if pairs is not None else None
-    from hsvfast.distributed import is_distributed
-
     if is_distributed():  # this rank's share: rows rank, rank + world, … (hsvfast.distributed.ShardSampler)
         import torch.distributed as dist
 
@@ -229,6 +229,16 @@ def torchrun_group(device: Optional[str]) -> Iterator[Tuple[int, Optional[str]]]
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def torchrun_read_folder() -> str:
+    """The folder where the ranks of this torchrun job on this machine share one Arrow copy of the data files
+    (named after the job's rendezvous, so concurrent jobs do not meet)."""
+    import hashlib
+    import tempfile
+
+    job = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    return os.path.join(tempfile.gettempdir(), "hsvfast-read-" + hashlib.sha256(job.encode()).hexdigest()[:16])
 
 
 def run_score(args: argparse.Namespace) -> int:

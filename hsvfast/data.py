@@ -120,11 +120,16 @@ class LabelledText:
 
 
 class _TemporaryFolder:
-    """A private temporary folder removed when the last object holding it goes (or at exit), quietly:
-    ``tempfile.TemporaryDirectory`` warns when it is cleaned up that way."""
+    """A temporary folder removed when the last object holding it goes (or at exit), quietly:
+    ``tempfile.TemporaryDirectory`` warns when it is cleaned up that way. A new private one, or ``path``
+    (made if missing) when processes share it."""
 
-    def __init__(self) -> None:
-        self.path = tempfile.mkdtemp(prefix="hsvfast-read-")
+    def __init__(self, path: Optional[str] = None) -> None:
+        if path is None:
+            self.path = tempfile.mkdtemp(prefix="hsvfast-read-")
+        else:
+            os.makedirs(path, exist_ok=True)
+            self.path = path
         self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
 
@@ -187,7 +192,7 @@ def _decodes_as_utf8(path: Path) -> bool:
     return True
 
 
-def _load(files: List[Path], header: bool, delimiter: Optional[str]):
+def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_folder: Optional[str] = None):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import datasets
@@ -202,7 +207,7 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str]):
         # Memory-mapped from an Arrow copy in a cache folder of this call only (datasets would otherwise keep
         # a copy of every file read, and a lock file per file, in the user's cache for good). The folder
         # goes when the last column read from it does (TextColumn keeps it alive).
-        cache = _TemporaryFolder()
+        cache = _TemporaryFolder(shared_folder)
         try:
             table = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                           cache_dir=cache.path, **options)
@@ -291,13 +296,17 @@ def _pick(columns: List[str], wanted: Column, defaults, what: str, path: "Path |
 
 def read_labelled_text(path: DataFiles, text_column: Column = None, label_column: Column = None,
                        pair_column: Column = None, header: Optional[bool] = None,
-                       delimiter: Optional[str] = None) -> LabelledText:
+                       delimiter: Optional[str] = None, shared_folder: Optional[str] = None) -> LabelledText:
     """Read a labelled text file (or several of one format, as one: a list, or a glob pattern); see the module
     docstring for formats and defaults.
 
     ``header=None`` assumes a header row unless a column is given as a position (an int).
     ``delimiter``: the field separator of delimited text (``"tab"`` for a tab); default: tab for
     ``.tsv``/``.txt``, comma for ``.csv``, guessed from the first lines for any other suffix.
+    ``shared_folder``: for processes that read the same files at once (the ranks of a torchrun job on one
+    machine): the folder of the Arrow copy, made by the first of them (datasets locks it) and
+    memory-mapped by all; each process removes it when done (a mapped copy outlives that). Default: a
+    private temporary folder per call.
     """
     files = data_files(path)
     # Messages name the file, or the first of several.
@@ -305,7 +314,7 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
     if header is None:
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
-        table, cache = _load(files, header, delimiter)
+        table, cache = _load(files, header, delimiter, shared_folder)
     except (ValueError, ImportError):
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need

@@ -1,5 +1,6 @@
 """The command line end to end: exit codes, JSON schema, plots, file quirks, suites."""
 import json
+import os
 import subprocess
 import sys
 
@@ -448,6 +449,21 @@ def test_text_column_over_several_arrow_chunks_reads_like_the_list():
     assert list(view) == [expected[i] for i in kept] and list(view[10:40:3]) == [expected[i] for i in kept[10:40:3]]
 
 
+def test_readers_sharing_a_folder_parse_the_file_once(tmp_path, monkeypatch):
+    # The ranks of a torchrun job share one Arrow copy of the data (CLI: torchrun_read_folder).
+    import importlib
+
+    builder = importlib.import_module("datasets.packaged_modules.csv.csv").Csv
+    parses = []
+    generate = builder._generate_tables
+    monkeypatch.setattr(builder, "_generate_tables", lambda self, *a, **k: parses.append(1) or generate(self, *a, **k))
+    path, shared = tsv(tmp_path / "d.tsv"), str(tmp_path / "shared")
+    first, second = (read_labelled_text(path, shared_folder=shared) for _ in range(2))
+    assert len(parses) == 1 and list(first.texts) == list(second.texts) == [t for t, _ in SENTENCES]
+    read_labelled_text(path)
+    assert len(parses) == 2  # a private folder: a copy of its own
+
+
 def test_limit_draws_rows_at_random_and_says_when_classes_are_left_out(tmp_path, tiny_model_dir):
     # A file sorted by label, as BANKING77's is: its first rows hold one class (the old --limit took those).
     rows = [(f"{word} number {i}", word) for word in ("red", "green", "blue") for i in range(30)]
@@ -480,11 +496,14 @@ def test_score_under_torchrun_gives_the_single_process_report_and_writes_once(tm
                "--quiet"]
     single = run_cli(*options, "--out", tmp_path / "one.json")
     assert single.returncode == 0, single.stderr
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hsvfast",
          *map(str, options), "--out", str(tmp_path / "two.json"), "--save-stats", str(tmp_path / "two.safetensors")],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=180, env={**os.environ, "TMPDIR": str(temporary)})
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert not list(temporary.glob("hsvfast-read-*"))  # the ranks' shared Arrow copy is gone
     assert launched.stdout.count("| layer |") == 1 and launched.stdout.count("wrote") == 2  # rank 0 alone
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["class_counts"] == one["class_counts"] and two["num_examples"] == one["num_examples"] == 40
