@@ -131,8 +131,9 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
         sample = [labels[i] for i in rows]
         held, there = len(set(sample)), len(set(labels))
         if held < there:
-            warnings.warn(f"{shown}: the {limit:,} rows drawn at random (of {len(labels):,}; seed {seed}) hold {held} of "
-                          f"the file's {there} classes, and ν compares only those: raise the limit to cover them all")
+            warnings.warn(f"{shown}: the {limit:,} rows drawn at random (of {len(labels):,}; seed {seed}) hold "
+                          f"{held} of the file's {there} classes, and ν compares only those: raise the limit to cover "
+                          "them all")
         texts, labels = texts[rows], sample
         pairs = pairs[rows] if pairs is not None else None
     if is_distributed():  # this rank's share: rows rank, rank + world, … (hsvfast.distributed.ShardSampler)
@@ -406,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--layers", help="comma-separated block indices (negative from the top); default all")
     score.add_argument("--max-length", type=_positive_int, default=128)
     score.add_argument("--batch-size", type=_positive_int, default=64)
-    score.add_argument("--limit", type=_positive_int, help="score N rows drawn at random (file order kept; see --seed); "
-                       "every row when the file has no more")
+    score.add_argument("--limit", type=_positive_int,
+                       help="score N rows drawn at random (file order kept; see --seed); every row when there are no more")
     score.add_argument("--seed", type=int, default=0, help="seed of the rows --limit draws (default 0)")
     score.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cpu)")
     score.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -70,12 +70,18 @@ class TextColumn(Sequence[str]):
         return TextColumn(self._array, self._rows[rows], self._keep_alive)
 
     def __getitem__(self, index: Union[int, slice, Sequence[int], np.ndarray]) -> Any:
-        """A text (an int), or a view: a slice, or a sequence of positions (``texts[[0, 5, 9]]``, as numpy)."""
+        """A text (an int), or a view: a slice, a sequence of positions (``texts[[0, 5, 9]]``) or a boolean mask
+        of ``len(texts)``, as numpy takes them."""
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             return self._view(slice(start, max(start, stop)) if step == 1 else np.arange(start, stop, step))
         if isinstance(index, (list, tuple, np.ndarray)):
-            positions = np.asarray(index, dtype=np.int64).reshape(-1)
+            positions = np.asarray(index)
+            if positions.dtype == bool:
+                if positions.shape != (len(self),):
+                    raise IndexError(f"a mask of {positions.shape} for {len(self)} texts")
+                positions = np.flatnonzero(positions)
+            positions = positions.astype(np.int64, casting="safe" if positions.size else "unsafe").reshape(-1)
             if positions.size and not (-len(self) <= positions.min() and positions.max() < len(self)):
                 raise IndexError(f"positions must lie in [{-len(self)}, {len(self)}) for {len(self)} texts")
             return self._view(np.where(positions < 0, positions + len(self), positions))
@@ -101,14 +107,16 @@ class TextColumn(Sequence[str]):
         return f"TextColumn({len(self)} texts)"
 
     def __reduce__(self):
-        # Pickled Arrow data travels by value: the copy needs no folder (and must not remove the original's).
-        return TextColumn, (self._array, self._rows)
+        # Pickled by value, only the texts of this view: the copy needs no folder (and must not remove the
+        # original's).
+        texts = self._array if self._rows is None else self._array.take(self._rows)
+        return TextColumn, (texts.combine_chunks() if hasattr(texts, "combine_chunks") else texts,)
 
 
 @dataclass
 class LabelledText:
-    """Texts (and second texts of pairs) with their labels, read from one file. ``texts`` and ``pairs``
-    are :class:`TextColumn` s (sequences of strings held compactly); ``labels`` a list."""
+    """Texts (and second texts of pairs) with their labels, read from a file (or several, as one). ``texts``
+    and ``pairs`` are :class:`TextColumn` s (sequences of strings held compactly); ``labels`` a list."""
 
     texts: TextColumn
     labels: List[Hashable]

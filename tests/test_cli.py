@@ -447,6 +447,15 @@ def test_text_column_over_several_arrow_chunks_reads_like_the_list():
     kept = np.flatnonzero([t is not None for t in texts])  # the labelled rows of a file, as read_labelled_text keeps
     view = TextColumn(column._array, kept)
     assert list(view) == [expected[i] for i in kept] and list(view[10:40:3]) == [expected[i] for i in kept[10:40:3]]
+    mask = np.arange(100) % 3 == 0
+    assert list(column[mask]) == [t for t, m in zip(expected, mask) if m]
+    with pytest.raises(IndexError, match="a mask of"):
+        column[mask[:-1]]
+    import pickle
+
+    small = column[60:70][[1, 3]]  # pickled: only its own texts, as one array, no rows
+    copy = pickle.loads(pickle.dumps(small))
+    assert list(copy) == [expected[61], expected[63]] and copy._rows is None and len(copy._array) == 2
 
 
 def test_readers_sharing_a_folder_parse_the_file_once(tmp_path, monkeypatch):
