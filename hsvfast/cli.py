@@ -176,11 +176,13 @@ def check_writable(**outputs: Optional[str]) -> None:
 
 
 def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
+    from hsvfast.storage import write_text_atomically
+
     for path in (out, plot):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     if out:
-        Path(out).write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomically(out, json.dumps(report.to_dict(), indent=2))
         print(f"wrote {out}")
     if plot:
         report.plot(plot)
@@ -279,6 +281,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     import hsvfast
+    from hsvfast.storage import write_text_atomically
 
     try:
         report = hsvfast.Report.from_dict(json.loads(Path(args.report).read_text()))
@@ -290,14 +293,14 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"frozen layers  {plan.frozen_layers}")
     print(f"dropped layers {plan.dropped_layers}  → {plan.flops_fraction:.0%} of the blocks' forward FLOPs kept")
     out = args.out or str(Path(args.report).with_suffix("")) + ".plan.json"
-    Path(out).write_text(json.dumps(plan.to_dict(), indent=2))
+    plan.save(out)
     if not plan.tuned_layers:  # PEFT would read an empty layers_to_transform as every layer
         print("PEFT: none (no tuned layers: only the classifier head trains)")
         print(f"wrote {out} (hsvfast.Plan.load)")
         return 0
     lora = {"layers_to_transform": plan.tuned_layers, "target_modules": "all-linear", "r": 8, "lora_alpha": 16}
     print(f"PEFT: LoraConfig(**{json.dumps(lora)})")
-    Path(out).with_suffix(".lora.json").write_text(json.dumps(lora, indent=2))
+    write_text_atomically(Path(out).with_suffix(".lora.json"), json.dumps(lora, indent=2))
     print(f"wrote {out} (hsvfast.Plan.load) and {Path(out).with_suffix('.lora.json')}")
     return 0
 

@@ -58,7 +58,10 @@ class Plan:
         return cls(**data)
 
     def save(self, path: "str | Path") -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        """Write the plan as JSON (atomically: an earlier file there stays whole until this one is)."""
+        from .storage import write_text_atomically
+
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: "str | Path") -> "Plan":

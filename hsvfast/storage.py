@@ -52,6 +52,12 @@ def _digest(tensors: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def write_text_atomically(path: "str | Path", text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`write_atomically`: an earlier file there stays whole
+    until the new one is complete."""
+    write_atomically(Path(path), lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
 def write_atomically(path: Path, write) -> None:
     """Call ``write(temporary_path)``, fsync, then rename over ``path``: never a half-written file."""
     path = Path(path)

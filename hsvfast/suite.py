@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from .report import Report
+from .storage import write_text_atomically
 
 SHIPPED = {"glue": Path(__file__).parent / "suites" / "glue.toml"}
 _TASK_KEYS = {"name", "file", "text_column", "text_pair_column", "label_column", "header", "delimiter", "labels",
@@ -106,9 +107,7 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
             files = [data_dir / f for f in task.file] if isinstance(task.file, list) else data_dir / task.file
             report = score_task(model, task, suite, files)
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(report.to_dict(), indent=2))
-            temporary.replace(target)  # atomic: a killed run never leaves half a result
+            write_text_atomically(target, json.dumps(report.to_dict(), indent=2))  # never half a result
             reports[(model, task.name)] = report
             log(f"{slug(model)} / {task.name}: ℓ* = {report.best_layer}")
     write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
@@ -144,8 +143,8 @@ def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[s
             markdown.append(f"| {task} | " + " | ".join(cells) + f" | {report.best_layer} |")
         markdown.append("")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.csv").write_text(rows.getvalue())
-    (out_dir / "summary.md").write_text("\n".join(markdown))
+    write_text_atomically(out_dir / "summary.csv", rows.getvalue())
+    write_text_atomically(out_dir / "summary.md", "\n".join(markdown))
     try:
         from .plotting import plot_grid
 

@@ -170,6 +170,22 @@ def test_plan_writes_the_plan_and_a_lora_config_only_when_layers_are_tuned(tmp_p
     assert "PEFT: none" in capsys.readouterr().out
 
 
+def test_a_failed_write_leaves_the_earlier_report_and_plan_whole(tmp_path, monkeypatch):
+    report_path, plan_path = tmp_path / "r.json", tmp_path / "p.json"
+    report_path.write_text(json.dumps(hsvfast.score(tiny_model("bert"), random_batches()).to_dict()))
+    assert cli.main(["plan", str(report_path), "--num-tuned", "1", "--out", str(plan_path)]) == 0
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def failing_replace(source, target):  # the disk fills up, the process is killed … before the rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert cli.main(["plan", str(report_path), "--num-tuned", "2", "--out", str(plan_path)]) == 2
+    with pytest.raises(OSError):
+        hsvfast.Plan.load(plan_path).save(plan_path)
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before  # and no temporary file left
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "score", "--data", tmp_path / "nope.tsv")
     assert result.returncode != 0 and "Traceback" in result.stderr
