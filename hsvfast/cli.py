@@ -306,31 +306,53 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    from hsvfast.suite import load_suite, run_suite as run
+    from hsvfast.suite import load_suite, run_suite as run, summarise
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # ranks would race to write (and skip) the same results
-        raise CommandError("suite runs in one process; under torchrun score each task with `hsvfast score`")
     suite = load_suite(args.suite)
     check_writable(out=str(Path(args.out) / "summary.md"))  # the results folder: made if missing, never a file
     default = display_name(None)
     models = [m for m in (args.models or "").split(",") if m] or [default]
     loaded: dict = {}
+    # Under torchrun each rank scores its own block of the (model, task) pairs, each pair whole and in one
+    # process (no process group while scoring: score() would take the ranks for shards of one corpus).
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = args.device
+    if world > 1 and device and device.strip() == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
 
     def score_task(model_name, task, suite, data_file):
         if model_name not in loaded:
             loaded.clear()  # one model in memory at a time
             path = None if model_name == default and not Path(model_name).exists() else model_name
-            loaded[model_name] = load_model(path, args.dtype, args.device)
+            loaded[model_name] = load_model(path, args.dtype, device)
         model, tokenizer = loaded[model_name]
         return score_file(model, tokenizer, data_file, text_column=task.text_column,
                           pair_column=task.text_pair_column, label_column=task.label_column, header=task.header,
                           delimiter=task.delimiter,
                           label_map=task.labels or None, limit=args.limit or task.limit, seed=args.seed,
                           pooling=suite.pooling,
-                          max_length=suite.max_length, batch_size=suite.batch_size, device=args.device,
-                          progress=not args.quiet, task=task.name, model_name=model_name)
+                          max_length=suite.max_length, batch_size=suite.batch_size, device=device,
+                          progress=not args.quiet and rank == 0, task=task.name, model_name=model_name)
 
-    run(suite, models, args.data_dir, args.out, score_task)
+    if world == 1:
+        run(suite, models, args.data_dir, args.out, score_task)
+    else:
+        run(suite, models, args.data_dir, args.out, score_task, share=(rank, world),
+            log=lambda line: print(f"[rank {rank}] {line}"))
+        import datetime
+
+        import torch.distributed as dist
+
+        # Meeting in a process group is the barrier: every rank's results are written when it returns.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # ranks may finish hours apart
+        try:
+            if rank == 0:
+                summarise(suite, models, args.out)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        if rank:
+            return 0
     print(f"wrote {Path(args.out) / 'summary.md'}, summary.csv and grid.png")
     print((Path(args.out) / "summary.md").read_text())
     return 0

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 try:
     import tomllib
@@ -82,34 +82,58 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").split("/")[-1] if Path(name).exists() else name)
 
 
+def pairs_of(models: Sequence[str], tasks: Sequence[Task], share: Optional[Tuple[int, int]] = None) -> list:
+    """The (model, task) pairs, model by model; with ``share = (rank, world)`` the rank's contiguous block of
+    them (blocks differ in length by at most one; contiguous, so a rank loads few models)."""
+    pairs = [(model, task) for model in models for task in tasks]
+    if share is None:
+        return pairs
+    rank, world = share
+    return pairs[rank * len(pairs) // world : (rank + 1) * len(pairs) // world]
+
+
 def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_dir: "str | Path",
               score_task: Callable[[str, Task, Suite, "Path | List[Path]"], Report],
-              log: Callable[[str], None] = print
+              log: Callable[[str], None] = print, share: Optional[Tuple[int, int]] = None,
               ) -> Dict[tuple, Report]:
     """Score every (model, task) not already in ``out_dir``; write the combined tables and grid plot.
 
     ``score_task(model, task, suite, data_file)`` does the scoring (the CLI passes one that loads
     each model once). Finished pairs are written as ``out_dir/<model>/<task>.json`` right away, so
-    an interrupted suite resumes where it stopped.
+    an interrupted suite resumes where it stopped. ``share = (rank, world)``: score only this process's
+    block of the pairs (:func:`pairs_of`) and write no summary (:func:`summarise` does, once all are done).
     """
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     reports: Dict[tuple, Report] = {}
-    for model in models:
-        for task in suite.tasks:
-            target = out_dir / slug(model) / f"{task.name}.json"
-            if target.exists():
-                try:
-                    reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
-                    log(f"{slug(model)} / {task.name}: done before, skipped")
-                    continue
-                except (ValueError, KeyError, json.JSONDecodeError):
-                    log(f"{slug(model)} / {task.name}: unreadable earlier result, scoring again")
-            files = [data_dir / f for f in task.file] if isinstance(task.file, list) else data_dir / task.file
-            report = score_task(model, task, suite, files)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(target, json.dumps(report.to_dict(), indent=2))  # never half a result
-            reports[(model, task.name)] = report
-            log(f"{slug(model)} / {task.name}: ℓ* = {report.best_layer}")
+    for model, task in pairs_of(models, suite.tasks, share):
+        target = out_dir / slug(model) / f"{task.name}.json"
+        if target.exists():
+            try:
+                reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
+                log(f"{slug(model)} / {task.name}: done before, skipped")
+                continue
+            except (ValueError, KeyError, json.JSONDecodeError):
+                log(f"{slug(model)} / {task.name}: unreadable earlier result, scoring again")
+        files = [data_dir / f for f in task.file] if isinstance(task.file, list) else data_dir / task.file
+        report = score_task(model, task, suite, files)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(target, json.dumps(report.to_dict(), indent=2))  # never half a result
+        reports[(model, task.name)] = report
+        log(f"{slug(model)} / {task.name}: ℓ* = {report.best_layer}")
+    if share is None or share[1] == 1:
+        write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
+    return reports
+
+
+def summarise(suite: Suite, models: Sequence[str], out_dir: "str | Path") -> Dict[tuple, Report]:
+    """Write the combined tables and grid plot from the results in ``out_dir`` (after processes that each
+    scored a share of the pairs); pairs without a result are left out."""
+    out_dir = Path(out_dir)
+    reports: Dict[tuple, Report] = {}
+    for model, task in pairs_of(models, suite.tasks):
+        target = out_dir / slug(model) / f"{task.name}.json"
+        if target.exists():
+            reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
     write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
     return reports
 

@@ -584,10 +584,32 @@ labels = { no = 0, yes = 1 }
     assert (model_dir / "single.json").stat().st_mtime_ns == before and (model_dir / "pairs.json").exists()
 
 
-def test_suite_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli.main(["suite", "glue", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "under torchrun score each task with `hsvfast score`" in capsys.readouterr().err
+def test_suite_under_torchrun_deals_the_pairs_to_the_ranks(tmp_path, tiny_model_dir):
+    from hsvfast.suite import pairs_of
+
+    assert [len(pairs_of(["m1", "m2"], list("abc"), (rank, 4))) for rank in range(4)] == [1, 2, 1, 2]
+    assert sum((pairs_of(["m"], list("abcde"), (r, 3)) for r in range(3)), []) == pairs_of(["m"], list("abcde"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for k in range(3):
+        tsv(data / f"t{k}.tsv", rows=SENTENCES[k:])
+    suite = write(tmp_path / "s.toml", "[defaults]\nbatch_size = 4\n" + "".join(
+        f'[[task]]\nname = "t{k}"\nfile = "t{k}.tsv"\n' for k in range(3)))
+    options = ["suite", str(suite), "--models", str(tiny_model_dir), "--data-dir", str(data), "--quiet"]
+    assert cli.main([*options, "--out", str(tmp_path / "one")]) == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hsvfast",
+         *options, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=180)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("[rank 0]") == 1 and launched.stdout.count("[rank 1]") == 2  # 3 pairs: 1 + 2
+    assert launched.stdout.count("wrote") == 1
+    for k in range(3):  # each pair scored whole in one process (torchrun's ranks run 1 thread: float noise only)
+        one, two = (json.loads((tmp_path / run / tiny_model_dir.name / f"t{k}.json").read_text())
+                    for run in ("one", "two"))
+        assert two["class_counts"] == one["class_counts"] and two["best_layer"] == one["best_layer"]
+        for name, values in one["metrics"].items():
+            np.testing.assert_allclose(two["metrics"][name], values, rtol=1e-8)
+    assert (tmp_path / "two" / "summary.md").read_text() == (tmp_path / "one" / "summary.md").read_text()
 
 
 def test_shipped_glue_suite_parses():
