@@ -41,8 +41,8 @@ TASKS = {
 
 def sample(table, n, rng):
     idx = rng.permutation(len(table.texts))[:n]
-    pairs = [table.pairs[i] for i in idx] if table.pairs is not None else None
-    return [table.texts[i] for i in idx], pairs, [table.labels[i] for i in idx]
+    pairs = list(table.pairs[idx]) if table.pairs is not None else None  # TextColumns take positions as numpy
+    return list(table.texts[idx]), pairs, [table.labels[i] for i in idx]
 
 
 def load_task(name, n_train, n_test, seed=0):
@@ -52,7 +52,7 @@ def load_task(name, n_train, n_test, seed=0):
     if test_file is None:  # one file: split it
         idx = rng.permutation(len(train.texts))
         cut = min(n_train, int(0.6 * len(idx)))
-        pick = lambda ids: ([train.texts[i] for i in ids], [train.pairs[i] for i in ids] if train.pairs else None,  # noqa: E731
+        pick = lambda ids: (list(train.texts[ids]), list(train.pairs[ids]) if train.pairs else None,  # noqa: E731
                             [train.labels[i] for i in ids])
         return pick(idx[:cut]), pick(idx[cut : cut + n_test])
     test = read_labelled_text(DATA / test_file, **options)
@@ -181,7 +181,7 @@ def main():
     table = read_labelled_text(DATA / "sst2" / "train.tsv")
     rng = np.random.default_rng(1)
     pool_idx = rng.permutation(len(table.texts))[: args.robustness_max]
-    texts = [table.texts[i] for i in pool_idx]
+    texts = list(table.texts[pool_idx])
     labels = np.array([table.labels[i] for i in pool_idx])
     features = pooled_features(model, tokenizer, texts, None)
     lines += ["## Robustness on SST-2 train (ν and nc1 per layer)", "",
