@@ -269,13 +269,20 @@ def _first_cause(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _labels(table, name: str, delimited: bool) -> List[Hashable]:
+def _labels(table, name: str, delimited: bool, path: "Path | str") -> List[Hashable]:
     """The label column as Python values, equal labels sharing one object (a list of a few distinct strings
     costs 8 bytes a row, not a string object each). Taken from Arrow at once: iterating datasets' column
     objects decodes row by row (4.8 s instead of 0.01 s for SST-2's 67k rows); for CSV, JSON and Parquet
     files its row formatter would return the same values."""
     shared: dict = {}
-    labels = [shared.setdefault(label, label) for label in table.data.column(name).to_pylist()]
+    values = table.data.column(name).to_pylist()
+    try:
+        labels = [shared.setdefault(label, label) for label in values]
+    except TypeError:  # lists (multi-label data) or records: not one class per example
+        example = next(label for label in values if not isinstance(label, Hashable))
+        raise ValueError(f"{path}: the labels in column {name!r} are {type(example).__name__}s (e.g. {example!r}), "
+                         "but hsvfast needs one class per example (a string or an integer); score a multi-label "
+                         "task as one binary task per label") from None
     if delimited:  # read as text: integer labels (or decimals, which score refuses) get their type back
         texts = [text for text in shared if text is not None]
         for pattern, parse in ((_INTEGER, int), (_DECIMAL, float)):
@@ -348,7 +355,7 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    labels = _labels(table, label, delimited=_FORMATS.get(files[0].suffix.lower(), "csv") == "csv")
+    labels = _labels(table, label, _FORMATS.get(files[0].suffix.lower(), "csv") == "csv", path)
     kept = None  # the labelled rows, when some are not
     unlabelled = sum(y is None for y in labels)
     if unlabelled == len(labels):

@@ -437,6 +437,13 @@ def test_cli_scores_several_files_as_the_file_of_their_rows(tmp_path, tiny_model
     assert seen == [[tmp_path / "a.tsv", tmp_path / "b.tsv"]]
 
 
+def test_list_labels_are_refused_as_not_one_class_per_example(tmp_path):
+    path = write(tmp_path / "m.jsonl", '{"text": "a", "labels": [1, 2]}\n{"text": "b", "labels": [0]}\n')
+    with pytest.raises(ValueError, match=r"labels in column 'labels' are lists \(e.g. \[1, 2\]\), but hsvfast "
+                                         r"needs one class per example .* one binary task per label"):
+        read_labelled_text(path)
+
+
 def test_unknown_columns_are_listed(tmp_path):
     path = tsv(tmp_path / "x.tsv", header="words\tclass")
     with pytest.raises(ValueError, match=r"the columns are \['words', 'class'\]"):
