@@ -844,18 +844,27 @@ def _check_class_counts(class_counts: Mapping[Hashable, int]) -> Dict[Hashable, 
 
 
 def normalise_labels(labels: Any) -> List[Hashable]:
-    """A batch's labels as plain Python values; refuses float (regression) labels."""
+    """A batch's labels as plain Python values; refuses float (regression) and multi-label targets."""
     if isinstance(labels, torch.Tensor):
         if labels.is_floating_point() or labels.is_complex():
             raise TypeError(_FLOAT_LABELS.format(dtype=labels.dtype))
+        if labels.dim() > 1 and labels.shape[-1] != 1:
+            raise ValueError(_MULTI_LABELS.format(shape=tuple(labels.shape)))
         return labels.reshape(-1).tolist()
     array = np.asarray(labels)
     if array.dtype.kind in "fc":
         raise TypeError(_FLOAT_LABELS.format(dtype=array.dtype))
+    if array.ndim > 1 and array.shape[-1] != 1:
+        raise ValueError(_MULTI_LABELS.format(shape=array.shape))
     if array.dtype.kind in "biu":
         return array.reshape(-1).tolist()
     return [_normalise_label(label) for label in labels]
 
+
+_MULTI_LABELS = (
+    "labels have shape {shape}: hsvfast needs one class per sequence, a (batch,) tensor or list. Multi-label "
+    "(multi-hot) targets have no single class to compare; score each label as its own binary task."
+)
 
 _FLOAT_LABELS = (
     "labels have dtype {dtype}: hsvfast needs discrete class labels (ints or strings). "

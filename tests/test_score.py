@@ -258,6 +258,9 @@ def batches_with(**changes):
     "batches,kwargs,error,match",
     [
         (batches_with(labels=torch.rand(12)), {}, TypeError, "Regression targets"),
+        # Multi-hot targets were flattened: "36 labels for 12 sequences".
+        (batches_with(labels=torch.zeros(12, 3, dtype=torch.long)), {}, ValueError, r"shape \(12, 3\).*Multi-label"),
+        (batches_with(labels=[[0, 1]] * 12), {}, ValueError, r"shape \(12, 2\): hsvfast needs one class per sequence"),
         (batches_with(labels=torch.zeros(12, dtype=torch.long)), {}, ValueError, "at least two labels"),
         ([], {}, ValueError, "no labelled example"),
         (random_batches(), {"layers": [7]}, ValueError, "layer 7 does not exist.*0..3"),
