@@ -3,7 +3,8 @@
 Quirks handled: CRLF line ends, TSVs read with quoting off (GLUE files hold bare double quotes),
 a UTF-8 byte-order mark, latin-1 files, files with or without a header row (columns then named
 by position: ``--text-column 3 --label-column 1``), files without a known suffix (tab- or
-comma-separated, told apart from their first lines; ``delimiter`` says it outright), several files
+comma-separated, told apart from their first lines; ``delimiter`` says it outright), compressed files
+(``.gz``, ``.bz2``, ``.xz`` behind the format's suffix: ``corpus.jsonl.gz``), several files
 of one format read as one (a list, or a glob pattern like ``shards/*.jsonl``). Columns are
 found by name with defaults (``sentence``/``text``/``sentence1``/``question``/``tweet`` …,
 ``label``/``class``/``category`` …); when that fails, the error lists the columns there are.
@@ -14,9 +15,12 @@ would take about four times the file's size in memory.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import glob
+import gzip
+import lzma
 import os
 import re
 import shutil
@@ -141,9 +145,30 @@ class _TemporaryFolder:
         self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)
 
 
+#: Compressed files are read through (datasets decompresses them by suffix): ``corpus.jsonl.gz``.
+_COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed when its suffix says it is compressed."""
+    return _COMPRESSIONS.get(path.suffix.lower(), open)(path, "rb")
+
+
+def _suffix(path: Path) -> str:
+    """The suffix that tells the format, behind a compression suffix: ``.jsonl`` for ``a.jsonl.gz``."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _kind(path: Path) -> str:
+    return _FORMATS.get(_suffix(path), "csv")  # an unknown suffix: delimited text
+
+
 def _guess_delimiter(path: Path, lines: int = 50) -> str:
     """Tab when most of the first non-empty lines hold one (a stray line is forgiven), else comma."""
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         head = [line for line in handle.read(1 << 16).splitlines()[:lines] if line.strip()]
     return "\t" if head and 2 * sum(b"\t" in line for line in head) >= len(head) else ","
 
@@ -154,7 +179,7 @@ def _delimiter(path: Path, delimiter: Optional[str]) -> str:
         if len(delimiter) != 1:
             raise ValueError(f"delimiter must be one character ('tab' or '\\t' for a tab), got {delimiter!r}")
         return delimiter
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix in (".tsv", ".txt"):
         return "\t"
     return "," if suffix == ".csv" else _guess_delimiter(path)
@@ -182,7 +207,7 @@ def data_files(spec: DataFiles) -> List[Path]:
         first = seen.setdefault(path.resolve(), index)
         if first != index:
             raise ValueError(f"data file {path} is given twice (as {files[first]}): its rows would count twice")
-    kinds = {_FORMATS.get(p.suffix.lower(), "csv") for p in files}
+    kinds = {_kind(p) for p in files}
     if len(kinds) > 1:
         raise ValueError(f"the data files are of different formats ({', '.join(sorted(kinds))}): pass files of one")
     return files
@@ -190,7 +215,7 @@ def data_files(spec: DataFiles) -> List[Path]:
 
 def _decodes_as_utf8(path: Path) -> bool:
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         try:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 decoder.decode(block)
@@ -209,7 +234,7 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_fold
 
     datasets.disable_progress_bars()
     path = files[0]  # its suffix (and, for delimited text without a known suffix, its lines) stand for all
-    kind = _FORMATS.get(path.suffix.lower(), "csv")  # an unknown suffix: delimited text
+    kind = _kind(path)
 
     def read(builder: str, **options):
         # Memory-mapped from an Arrow copy in a cache folder of this call only (datasets would otherwise keep
@@ -226,7 +251,7 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_fold
 
     if kind != "csv":
         if delimiter is not None:
-            raise ValueError(f"{path}: a delimiter is for delimited text, not {path.suffix} files; leave it out")
+            raise ValueError(f"{path}: a delimiter is for delimited text, not {_suffix(path)} files; leave it out")
         return read(kind)
     # Every field as the text it is: pandas would read a column of "007", "1.50" as the numbers 7 and 1.5
     # (labels get their types in _labels). Only an empty field is missing: pandas' defaults also read "NA",
@@ -333,7 +358,7 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
     except (ValueError, ImportError):
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
-        kind = _FORMATS.get(files[0].suffix.lower())
+        kind = _kind(files[0])
         what = "JSON" if kind == "json" else "Parquet" if kind == "parquet" else "delimited text"
         hint = "; check the delimiter (--delimiter) and whether there is a header row (--no-header)" \
             if what == "delimited text" else ""
@@ -355,7 +380,7 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         pair = PAIR_COLUMNS[text]
     # An empty field reads as None: an empty text is still an example (score skips and counts it if it
     # leaves nothing to pool); a row without a label is left out, and said so.
-    labels = _labels(table, label, _FORMATS.get(files[0].suffix.lower(), "csv") == "csv", path)
+    labels = _labels(table, label, _kind(files[0]) == "csv", path)
     kept = None  # the labelled rows, when some are not
     unlabelled = sum(y is None for y in labels)
     if unlabelled == len(labels):

@@ -407,6 +407,30 @@ def test_several_files_of_one_format_are_read_as_one_corpus(tmp_path):
             read_labelled_text(spec)
 
 
+def test_compressed_files_are_read_through(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    plain = tsv(tmp_path / "plain.tsv")
+    rows = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in SENTENCES)
+    csv_rows = "text,label\n" + "".join(f'"{t}",{y}\n' for t, y in SENTENCES)
+    compressed = [
+        (tmp_path / "a.tsv.gz", gzip.open, plain.read_bytes()),
+        (tmp_path / "a.jsonl.gz", gzip.open, rows.encode()),
+        (tmp_path / "a.csv.bz2", bz2.open, csv_rows.encode()),
+        (tmp_path / "corpus.xz", lzma.open, plain.read_bytes()),  # no format suffix: tabs told from its lines
+    ]
+    expected = [t for t, _ in SENTENCES]
+    for path, opener, content in compressed:
+        with opener(path, "wb") as handle:
+            handle.write(content)
+        table = read_labelled_text(path)
+        assert list(table.texts) == expected and table.labels == [y for _, y in SENTENCES], path.name
+    both = read_labelled_text([plain, tmp_path / "a.tsv.gz"])  # one plain, one compressed: one corpus
+    assert list(both.texts) == expected * 2
+
+
 def test_files_in_latin1_are_read_together_but_not_with_utf8_ones(tmp_path):
     utf8 = tsv(tmp_path / "u.tsv", rows=[("déjà vu", 1), ("plain", 0)])
     latin = [tsv(tmp_path / f"l{k}.tsv", rows=[("café crème", k), ("naïve", 1 - k)], encoding="latin-1")
