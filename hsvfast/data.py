@@ -149,6 +149,9 @@ class _TemporaryFolder:
 _COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
+_UNREAD_COMPRESSIONS = (".zst", ".zstd", ".zip", ".lz4", ".7z", ".tar", ".tgz")
+
+
 def _open_bytes(path: Path):
     """The file's bytes, decompressed when its suffix says it is compressed."""
     return _COMPRESSIONS.get(path.suffix.lower(), open)(path, "rb")
@@ -207,6 +210,10 @@ def data_files(spec: DataFiles) -> List[Path]:
         first = seen.setdefault(path.resolve(), index)
         if first != index:
             raise ValueError(f"data file {path} is given twice (as {files[first]}): its rows would count twice")
+    unread = next((p for p in files if p.suffix.lower() in _UNREAD_COMPRESSIONS), None)
+    if unread is not None:
+        raise ValueError(f"{unread}: {unread.suffix} files are not read; decompress it first (hsvfast reads "
+                         f"{', '.join(_COMPRESSIONS)} compressed files as they are)")
     kinds = {_kind(p) for p in files}
     if len(kinds) > 1:
         raise ValueError(f"the data files are of different formats ({', '.join(sorted(kinds))}): pass files of one")

@@ -429,6 +429,9 @@ def test_compressed_files_are_read_through(tmp_path):
         assert list(table.texts) == expected and table.labels == [y for _, y in SENTENCES], path.name
     both = read_labelled_text([plain, tmp_path / "a.tsv.gz"])  # one plain, one compressed: one corpus
     assert list(both.texts) == expected * 2
+    zstd = write(tmp_path / "a.jsonl.zst", "(zstd bytes)")  # was parsed as CSV of compressed bytes
+    with pytest.raises(ValueError, match=r"a.jsonl.zst: .zst files are not read; decompress it first"):
+        read_labelled_text(zstd)
 
 
 def test_files_in_latin1_are_read_together_but_not_with_utf8_ones(tmp_path):
