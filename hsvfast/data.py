@@ -201,6 +201,8 @@ def data_files(spec: DataFiles) -> List[Path]:
             if not matches:
                 raise ValueError(f"no data file matches {item}")
             files += matches
+        elif path.is_dir():
+            raise ValueError(f"{path} is a folder: pass its files, e.g. '{path / '*.jsonl'}' (quoted)")
         else:
             raise ValueError(f"data file {path} does not exist")
     if not files:

@@ -401,6 +401,7 @@ def test_several_files_of_one_format_are_read_as_one_corpus(tmp_path):
         ([names[0], write(tmp_path / "c.csv", "text,label\na,1\n")], "different field separators"),
         ([names[0], write(tmp_path / "other.tsv", "words\tclass\na\t1\n")], "their columns, or the types"),
         (str(tmp_path / "none-*.tsv"), "no data file matches"),
+        (tmp_path, "is a folder: pass its files, e.g."),
     ]
     for spec, message in refused:
         with pytest.raises(ValueError, match=message):
