@@ -236,11 +236,13 @@ def torchrun_group(device: Optional[str]) -> Iterator[Tuple[int, Optional[str]]]
 
 def torchrun_read_folder() -> str:
     """The folder where the ranks of this torchrun job on this machine share one Arrow copy of the data files
-    (named after the job's rendezvous, so concurrent jobs do not meet)."""
+    (named after the job's rendezvous and the launcher that started the ranks here, so concurrent jobs do not
+    meet)."""
     import hashlib
     import tempfile
 
-    job = "|".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
+    job = "|".join([os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+                   + [str(os.getppid())])
     return os.path.join(tempfile.gettempdir(), "hsvfast-read-" + hashlib.sha256(job.encode()).hexdigest()[:16])
 
 
