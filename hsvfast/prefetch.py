@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .pooling import token_weights
-from .statistics import normalise_labels
+from .statistics import check_label_tensor, normalise_labels
 
 #: Batch entries read as labels, in this order.
 LABEL_KEYS = ("labels", "label")
@@ -36,9 +36,8 @@ class PreparedBatch:
         if pin and self.weights.is_cpu:  # bound for a GPU: a copy from pinned memory never waits for it
             self.weights = self.weights.pin_memory()
         labels = batch_labels(batch, index)
-        if isinstance(labels, torch.Tensor) and (labels.is_floating_point() or labels.is_complex()
-                                                 or (labels.dim() > 1 and labels.shape[-1] != 1)):
-            normalise_labels(labels)  # raises the regression / multi-label error before anything is copied
+        if isinstance(labels, torch.Tensor):
+            check_label_tensor(labels)  # the regression / multi-label error before anything is copied
         self._labels, labels_arrived = _start_copy(labels)
         self._poolable, mask_arrived = _start_copy(self.weights.sum(1) > 0)
         self._arrivals = [event for event in (labels_arrived, mask_arrived) if event is not None]

@@ -843,13 +843,18 @@ def _check_class_counts(class_counts: Mapping[Hashable, int]) -> Dict[Hashable, 
     return checked
 
 
+def check_label_tensor(labels: torch.Tensor) -> None:
+    """Refuse float (regression) and multi-label (multi-hot) label tensors; reads no value (no device sync)."""
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(_FLOAT_LABELS.format(dtype=labels.dtype))
+    if labels.dim() > 1 and labels.shape[-1] != 1:
+        raise ValueError(_MULTI_LABELS.format(shape=tuple(labels.shape)))
+
+
 def normalise_labels(labels: Any) -> List[Hashable]:
     """A batch's labels as plain Python values; refuses float (regression) and multi-label targets."""
     if isinstance(labels, torch.Tensor):
-        if labels.is_floating_point() or labels.is_complex():
-            raise TypeError(_FLOAT_LABELS.format(dtype=labels.dtype))
-        if labels.dim() > 1 and labels.shape[-1] != 1:
-            raise ValueError(_MULTI_LABELS.format(shape=tuple(labels.shape)))
+        check_label_tensor(labels)
         return labels.reshape(-1).tolist()
     array = np.asarray(labels)
     if array.dtype.kind in "fc":
