@@ -136,10 +136,10 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
                           "them all")
         texts, labels = texts[rows], sample
         pairs = pairs[rows] if pairs is not None else None
-    if is_distributed():  # this rank's share: rows rank, rank + world, … (hsvfast.distributed.ShardSampler)
-        import torch.distributed as dist
+    if is_distributed():  # this rank's share of the rows, split as ShardSampler splits a dataset
+        from hsvfast.distributed import ShardSampler
 
-        rows = np.arange(dist.get_rank(), len(labels), dist.get_world_size())
+        rows = np.fromiter(ShardSampler(len(labels)), dtype=np.int64)
         texts, labels = texts[rows], [labels[i] for i in rows]
         pairs = pairs[rows] if pairs is not None else None
     return score_batches(model, tokenizer, texts, labels, pairs, layers=layers, pooling=pooling,
@@ -207,11 +207,23 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def torchrun_world() -> Tuple[int, int]:
+    """(rank, world size) of this process under torchrun; (0, 1) elsewhere."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(device: Optional[str]) -> Optional[str]:
+    """The device this rank uses for ``--device``: under torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK``."""
+    if torchrun_world()[1] > 1 and device is not None and device.strip() == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 @contextlib.contextmanager
 def torchrun_group(device: Optional[str]) -> Iterator[Tuple[int, Optional[str]]]:
     """Under torchrun (``WORLD_SIZE`` > 1): a process group for this command (NCCL on CUDA, gloo on the CPU)
-    and this rank's device (``cuda`` becomes ``cuda:LOCAL_RANK``). Yields (rank, device); elsewhere (0, device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    and this rank's device (:func:`rank_device`). Yields (rank, device); elsewhere (0, device)."""
+    if torchrun_world()[1] <= 1:
         yield 0, device
         return
     import torch
@@ -219,10 +231,8 @@ def torchrun_group(device: Optional[str]) -> Iterator[Tuple[int, Optional[str]]]
 
     from hsvfast.scoring import available_device
 
-    target = torch.device(device or "cpu")
+    target = torch.device(rank_device(device) or "cpu")
     if target.type == "cuda":
-        if target.index is None:
-            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(available_device(target))
     started = not dist.is_initialized()
     if started:
@@ -317,10 +327,8 @@ def run_suite(args: argparse.Namespace) -> int:
     loaded: dict = {}
     # Under torchrun each rank scores its own block of the (model, task) pairs, each pair whole and in one
     # process (no process group while scoring: score() would take the ranks for shards of one corpus).
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = args.device
-    if world > 1 and device and device.strip() == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    rank, world = torchrun_world()
+    device = rank_device(args.device)
 
     def score_task(model_name, task, suite, data_file):
         if model_name not in loaded:
