@@ -92,6 +92,11 @@ def pairs_of(models: Sequence[str], tasks: Sequence[Task], share: Optional[Tuple
     return pairs[rank * len(pairs) // world : (rank + 1) * len(pairs) // world]
 
 
+def result_path(out_dir: Path, model: str, task: Task) -> Path:
+    """Where the report of one (model, task) pair is written."""
+    return out_dir / slug(model) / f"{task.name}.json"
+
+
 def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_dir: "str | Path",
               score_task: Callable[[str, Task, Suite, "Path | List[Path]"], Report],
               log: Callable[[str], None] = print, share: Optional[Tuple[int, int]] = None,
@@ -106,7 +111,7 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     reports: Dict[tuple, Report] = {}
     for model, task in pairs_of(models, suite.tasks, share):
-        target = out_dir / slug(model) / f"{task.name}.json"
+        target = result_path(out_dir, model, task)
         if target.exists():
             try:
                 reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
@@ -131,7 +136,7 @@ def summarise(suite: Suite, models: Sequence[str], out_dir: "str | Path") -> Dic
     out_dir = Path(out_dir)
     reports: Dict[tuple, Report] = {}
     for model, task in pairs_of(models, suite.tasks):
-        target = out_dir / slug(model) / f"{task.name}.json"
+        target = result_path(out_dir, model, task)
         if target.exists():
             reports[(model, task.name)] = Report.from_dict(json.loads(target.read_text()))
     write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
