@@ -98,6 +98,9 @@ def pool_fold(
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(act.shape)}")
     if dtype_code is None:
         raise TypeError(f"activations of dtype {act.dtype} are not supported; use float32, float16 or bfloat16")
+    if weights.shape != act.shape[:2]:  # the kernels index the weights with the activations' (batch, tokens)
+        raise ValueError(f"weights must be (batch, tokens) = {tuple(act.shape[:2])} like the activations "
+                         f"{tuple(act.shape)}, got {tuple(weights.shape)}")
     if which == "torch":
         finite = pool_fold_torch(act, weights, out, labels, out_rows, shift, sums, sqnorms)
         if not finite and nonfinite is not None:
@@ -159,7 +162,9 @@ def pool_fold_layers(
     which = use if use is not None else _backend_for(first.is_cpu, first.is_cuda)
     if first.dim() != 3:
         raise ValueError(f"activations must be (batch, tokens, hidden), got shape {tuple(first.shape)}")
-    batch, tokens, _ = first.shape
+    if weights.dim() != 2:
+        raise ValueError(f"weights must be (batch, tokens), got shape {tuple(weights.shape)}")
+    batch, tokens = weights.shape  # the kernels index the weights with each layer's (batch, tokens)
     dtype, device = first.dtype, first.get_device()
     one_call = which != "torch" and (len(acts) > 1 or batch_index_at is not None)
     flat = []  # 10 entries per layer: see layer_pointers in csrc/bindings.cpp
@@ -168,9 +173,9 @@ def pool_fold_layers(
         if len(shape) != 3 or shape[0] != batch or shape[1] != tokens or act.dtype is not dtype \
                 or act.get_device() != device:
             raise ValueError(
-                "pool_fold_layers: every layer's activations must be (batch, tokens, hidden) with the same batch, "
-                f"tokens, dtype and device; got {tuple(first.shape)} {first.dtype} {first.device} and "
-                f"{tuple(act.shape)} {act.dtype} {act.device}"
+                "pool_fold_layers: every layer's activations must be (batch, tokens, hidden) with the weights' "
+                f"batch and tokens {tuple(weights.shape)} and one dtype and device; got {tuple(first.shape)} "
+                f"{first.dtype} {first.device} and {tuple(act.shape)} {act.dtype} {act.device}"
             )
         if one_call:
             flat += (act.data_ptr(), shape[2], *act.stride(), shifts[i].data_ptr(), outs[i].data_ptr(),

@@ -32,12 +32,14 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
     Candidates are ``nn.ModuleList``s whose children all have one type; a list whose
     length equals the config's depth (``num_hidden_layers``, ``n_layer`` …) wins, ties
-    broken by parameter count. Works for BERT, RoBERTa, DistilBERT, DeBERTa, ELECTRA,
-    GPT-2, Llama, Qwen2, Mistral and their task-head variants.
+    broken by parameter count. Works for the encoders and decoder LMs of transformers
+    (tests/test_architectures.py lists those checked) and their task-head variants. In an encoder-decoder model
+    (T5, BART) only the encoder's blocks are candidates: they hold the input's hidden states.
     """
     depth = configured_depth(model)
+    root = _encoder_of(model)
     candidates = []
-    for name, module in model.named_modules():
+    for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             if len({type(child) for child in module}) == 1:
                 size = sum(p.numel() for p in module.parameters())
@@ -49,6 +51,35 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         )
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
     return candidates[0][3]
+
+
+def _encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder of an encoder-decoder model; the model itself otherwise."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        encoder = model.get_encoder()
+        if isinstance(encoder, nn.Module):
+            return encoder
+    return model
+
+
+def layer_modules(model: nn.Module, blocks: Optional[nn.ModuleList] = None) -> List[nn.Module]:
+    """The module whose call makes each layer, in the order the forward calls them.
+
+    ``list(blocks)``, except where layers share weights: ALBERT runs ``num_hidden_layers``
+    layers through ``num_hidden_groups`` groups, layer i through group ⌊i / (L / G)⌋ (as its
+    forward computes it), so a group appears once per layer it runs.
+    """
+    blocks = find_blocks(model) if blocks is None else blocks
+    depth = configured_depth(model)
+    groups = getattr(getattr(model, "config", None), "num_hidden_groups", None)
+    if depth is not None and isinstance(groups, int) and len(blocks) == groups < depth:
+        return [blocks[int(i / (depth / groups))] for i in range(depth)]
+    return list(blocks)
+
+
+def shares_weights(modules: Sequence[nn.Module]) -> bool:
+    """Whether some module runs more than one layer (ALBERT)."""
+    return len({id(m) for m in modules}) < len(modules)
 
 
 def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:

@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import os
 import warnings
-from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 from . import _kernels
 from .batching import BucketedBatches
 from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
-from .layers import StopForward, block_hidden_states, find_blocks, resolve_layers
+from .layers import StopForward, block_hidden_states, find_blocks, layer_modules, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
 from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
@@ -107,7 +107,8 @@ def score(
         a :class:`Report` (``report.metrics["variability"]``, ``report.best_layer`` …).
     """
     blocks = find_blocks(model) if blocks is None else blocks
-    layer_ids = resolve_layers(layers, len(blocks))
+    modules = layer_modules(model, blocks)  # one per layer; ALBERT's shared groups appear once per layer they run
+    layer_ids = resolve_layers(layers, len(modules))
     original_device = _model_device(model)
     device = available_device(device) if device is not None else original_device
     special_ids = special_token_ids(tokenizer)
@@ -120,7 +121,7 @@ def score(
         raise ValueError(f"metric {family[0]!r} needs per-class statistics; leave class_counts out to compute it")
     stats = Statistics(layer_ids, device=device, class_counts=class_counts, max_memory=max_memory,
                        second_moments=metric_names != ["trace_ratio"])
-    stats.info.update(_describe(model, blocks, pooling, device))
+    stats.info.update(_describe(model, modules, pooling, device))
     resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
     stats = resume.stats  # fresh, or the checkpoint's
     stats.info["metrics"] = metric_names  # a resumed run reports what this call asks for
@@ -161,9 +162,38 @@ def score(
             stats.fold_layers(held_positions, held_acts, current["weights"], current["plan"])
         drop_held()
 
-    def make_hook(position: int, layer: int):
+    # A module's n-th call in a forward makes the layer at its n-th place in `modules` (ALBERT's shared
+    # groups run several layers; every other model's blocks run once each). One call counter per hooked
+    # module, reset before each forward.
+    tokens_first = getattr(getattr(model, "config", None), "model_type", None) in _TOKENS_FIRST
+    calls: List[int] = []
+
+    def make_hook(slot: int, expected: int, scored: Dict[int, Tuple[int, int]]):
         def hook(module, args, output):
+            occurrence = calls[slot]
+            calls[slot] = occurrence + 1
+            if occurrence >= expected:
+                raise RuntimeError(
+                    f"block {type(module).__name__} ran {occurrence + 1} times in one forward, but the model's "
+                    f"depth says {expected}; the blocks found are not the ones the model runs once per layer. "
+                    "Pass blocks= explicitly."
+                )
+            where = scored.get(occurrence)
+            if where is None:
+                return
+            position, layer = where
             hidden = block_hidden_states(output)
+            if tokens_first:
+                hidden = hidden.transpose(0, 1)  # a strided view: the kernels take any strides
+            shape = hidden.shape
+            if shape[0] != current["sequences"] or shape[1] != current["tokens"]:
+                raise ValueError(
+                    f"block {layer} returned hidden states of shape {tuple(shape)}, but the batch holds "
+                    f"{tuple(current['weights'].shape)} (sequences, tokens): hsvfast reads each block's output as "
+                    "(sequences, tokens, hidden) for every token of the input. This model's blocks change or "
+                    "reorder the tokens (e.g. Funnel pools them); score a model whose blocks keep them, or pass "
+                    "blocks= the list of blocks that do."
+                )
             held_positions.append(position)
             held_acts.append(hidden)
             current["held_bytes"] += hidden.numel() * hidden.element_size()
@@ -176,6 +206,8 @@ def score(
     def run_forward(inputs: Dict[str, torch.Tensor], weights: torch.Tensor, plan, precision=precision) -> None:
         # One batch, eagerly: the forward up to the deepest block; the hooks fold the block outputs.
         current["plan"], current["weights"] = plan, weights
+        current["sequences"], current["tokens"] = weights.shape
+        calls[:] = [0] * len(calls)
         try:
             with precision:
                 model(**inputs, **forward_kwargs)
@@ -204,7 +236,14 @@ def score(
                                probe=HostBoundProbe(device) if cuda_graphs == "auto" else None)
 
     was_training = model.training
-    handles = [blocks[layer].register_forward_hook(make_hook(p, layer)) for p, layer in enumerate(layer_ids)]
+    hooked: Dict[int, Tuple[nn.Module, Dict[int, Tuple[int, int]]]] = {}  # module -> {its n-th call: layer}
+    for position, layer in enumerate(layer_ids):
+        module = modules[layer]
+        occurrence = sum(other is module for other in modules[:layer])
+        hooked.setdefault(id(module), (module, {}))[1][occurrence] = (position, layer)
+    calls[:] = [0] * len(hooked)
+    handles = [module.register_forward_hook(make_hook(slot, sum(m is module for m in modules), scored))
+               for slot, (module, scored) in enumerate(hooked.values())]
     warned_empty = False
     bar = None
     try:
@@ -383,6 +422,10 @@ class _Checkpointer:
         save_statistics(self.stats, self.path, extra)
 
 
+# Architectures whose blocks keep hidden states as (tokens, sequences, hidden).
+_TOKENS_FIRST = ("xlnet",)
+
+
 def json_roundtrip(value: Any) -> Any:
     import json
 
@@ -390,18 +433,22 @@ def json_roundtrip(value: Any) -> Any:
 
 
 def _max_positions(model: nn.Module) -> Optional[int]:
-    """The longest input of a model with learned absolute positions (BERT, GPT-2 …); None for RoPE models."""
+    """The longest input of a model with learned absolute positions (BERT, GPT-2 …); None for RoPE models
+    and models without a limit (XLNet's config says -1)."""
     config = getattr(model, "config", None)
     if getattr(config, "rope_theta", None) is not None or getattr(config, "rope_parameters", None) is not None:
         return None
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not isinstance(limit, int):
+    if not isinstance(limit, int) or limit <= 0:
         return None
-    offset = (getattr(config, "pad_token_id", None) or 0) + 1 if config.model_type in ("roberta", "xlm-roberta") else 0
-    return limit - offset
+    for name, module in model.named_modules():
+        # RoBERTa-style embeddings (RoBERTa, XLM-R, CamemBERT, MPNet …) count positions from padding_idx + 1.
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return min(limit, module.num_embeddings) - module.padding_idx - 1
+    return limit
 
 
-def _describe(model: nn.Module, blocks: nn.ModuleList, pooling: str, device: torch.device) -> Dict[str, Any]:
+def _describe(model: nn.Module, blocks: Sequence[nn.Module], pooling: str, device: torch.device) -> Dict[str, Any]:
     config = getattr(model, "config", None)
     parameter = next(model.parameters(), None)
     return {

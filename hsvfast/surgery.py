@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import find_blocks, parent_of, set_depth
+from .layers import configured_depth, find_blocks, layer_modules, parent_of, set_depth, shares_weights
 
 ADAPTER_KINDS = ("sequential", "lora")
 ADAPTER_INITS = ("bert", "zero")
@@ -20,15 +20,38 @@ def truncate(model: nn.Module, head_layer: int) -> nn.Module:
     """Remove the blocks above ``head_layer`` (in place; config updated) and return the model.
 
     Afterwards the model's last block is block ``head_layer``: its output is what the paper puts
-    the classifier on. For decoders the model's final norm, if any, still follows it.
+    the classifier on. For decoders the model's final norm, if any, still follows it. A model
+    whose layers share weights (ALBERT) runs fewer layers through the same groups, where that
+    keeps every remaining layer on its group (always with one group, ALBERT's default).
     """
     blocks = find_blocks(model)
-    if isinstance(head_layer, bool) or not isinstance(head_layer, int) or not 0 <= head_layer < len(blocks):
+    modules = layer_modules(model, blocks)
+    if isinstance(head_layer, bool) or not isinstance(head_layer, int) or not 0 <= head_layer < len(modules):
         raise ValueError(
-            f"head_layer {head_layer!r} is out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+            f"head_layer {head_layer!r} is out of range: the model has {len(modules)} blocks (0..{len(modules) - 1})"
         )
-    set_depth(model, nn.ModuleList(list(blocks)[: head_layer + 1]))
+    if shares_weights(modules):
+        _truncate_shared(model, blocks, modules, head_layer)
+    else:
+        set_depth(model, nn.ModuleList(list(blocks)[: head_layer + 1]))
     return model
+
+
+def _truncate_shared(model: nn.Module, blocks: nn.ModuleList, modules: List[nn.Module], head_layer: int) -> None:
+    """ALBERT: run head_layer + 1 layers through the same groups (the group of each layer follows from
+    the depth, so check that every kept layer keeps its group)."""
+    config = model.config
+    depth = configured_depth(model)
+    attribute = next(name for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                     if getattr(config, name, None) == depth)
+    setattr(config, attribute, head_layer + 1)
+    if any(a is not b for a, b in zip(layer_modules(model, blocks), modules)):
+        setattr(config, attribute, depth)
+        raise ValueError(
+            f"cannot truncate {type(model).__name__} to {head_layer + 1} layers: its {len(modules)} layers share "
+            f"{len(blocks)} weight groups, and with {head_layer + 1} layers the model would run some of them through "
+            "another group. Truncate a model with one group (num_hidden_groups=1) or keep every layer."
+        )
 
 
 def _check_layers(layers: Iterable[int], num_blocks: int, what: str) -> List[int]:
@@ -37,6 +60,21 @@ def _check_layers(layers: Iterable[int], num_blocks: int, what: str) -> List[int
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_blocks:
             raise ValueError(f"{what}: layer {layer!r} does not exist (the model has blocks 0..{num_blocks - 1})")
     return layers
+
+
+def _modules_of(modules: List[nn.Module], layers: List[int], what: str) -> List[nn.Module]:
+    """The distinct modules that run ``layers``; refused where one of them also runs another layer
+    (ALBERT's shared groups): changing it would change that layer too."""
+    chosen = {id(modules[k]): modules[k] for k in layers}
+    for k, module in enumerate(modules):
+        if id(module) in chosen and k not in layers:
+            shared = [j for j, other in enumerate(modules) if other is module]
+            raise ValueError(
+                f"{what}: layers {shared} share their weights (one {type(module).__name__} runs all of them), so "
+                f"changing layer {min(set(shared) & set(layers))} changes layer {k} too. Include every layer that "
+                f"shares them (for a plan: num_tuned = head_layer + 1), or none."
+            )
+    return list(chosen.values())
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -50,12 +88,12 @@ def freeze(model: nn.Module, tuned_layers: Sequence[int], train_norms: bool = Tr
     ``train_blocks=False`` keeps even the tuned blocks frozen (adapter tuning), so that only their
     norm layers (``train_norms``) and any hsvfast adapters train. Adapters are always trainable.
     """
-    blocks = find_blocks(model)
-    tuned = _check_layers(tuned_layers, len(blocks), "freeze")
+    modules = layer_modules(model)
+    tuned = _modules_of(modules, _check_layers(tuned_layers, len(modules), "freeze"), "freeze")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for k in tuned:
-        for module in blocks[k].modules():
+    for block in tuned:
+        for module in block.modules():
             own = list(module.parameters(recurse=False))
             trainable = train_blocks or (train_norms and _is_norm(module))
             for parameter in own:
@@ -154,16 +192,19 @@ def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256,
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
     blocks = find_blocks(model)
-    layers = _check_layers(layers, len(blocks), "add_adapters")
+    modules = layer_modules(model, blocks)
+    adapted = _modules_of(modules, _check_layers(layers, len(modules), "add_adapters"), "add_adapters")
     if kind == "lora":
         # PEFT reads an empty layers_to_transform as "every layer": no layers means no adapters here.
-        return _add_lora(model, blocks, layers, **lora_options) if layers else model
+        # It counts positions in the block list (ALBERT: groups, not layers).
+        positions = sorted(next(i for i, b in enumerate(blocks) if b is m) for m in adapted)
+        return _add_lora(model, blocks, positions, **lora_options) if positions else model
     hidden = hidden_size_of(model)
     reference = next(model.parameters())
-    for k in layers:
-        for site in adapter_sites(blocks[k], hidden):
-            projection = blocks[k].get_submodule(site)
-            parent, name = parent_of(blocks[k], projection)
+    for block in adapted:
+        for site in adapter_sites(block, hidden):
+            projection = block.get_submodule(site)
+            parent, name = parent_of(block, projection)
             adapter = BottleneckAdapter(hidden, bottleneck, init).to(device=reference.device, dtype=reference.dtype)
             setattr(parent, name, AdaptedProjection(projection, adapter))
     return model

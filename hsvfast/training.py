@@ -29,9 +29,14 @@ def apply(model: nn.Module, plan: Plan, num_labels: int, method: str = "finetune
     * ``"adapter"`` — sequential bottleneck adapters in the tuned layers; adapters, the tuned
       layers' norms (``train_norms``) and the head train (the paper's adapter setup);
     * ``"lora"`` — LoRA (PEFT) on the tuned layers.
+
+    An encoder-decoder model (T5, BART) was scored on its encoder's layers: the classifier goes on
+    the encoder, and the decoder is left out.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        model = model.get_encoder()
     truncate(model, plan.head_layer)
     if method == "finetune":
         freeze(model, plan.tuned_layers, train_norms=train_norms)

@@ -218,11 +218,19 @@ def test_batch_index_read_where_it_lies(device, use, count):
     assert [int(a["nonfinite"].item()) for a in layers] == [_kernels.NO_BAD_BATCH] * (count - 1) + [17]
 
 
-def test_several_layers_must_share_batch_and_tokens():
+@pytest.mark.parametrize("use", ["torch", "compiled"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_every_layer_must_have_the_weights_batch_and_tokens(use, which):
+    # The kernels index the weights with each layer's (batch, tokens): a layer with more tokens than the
+    # weights (or tokens-first states) would be read past or across them.
     layers, weights, labels, out_rows = _layer_stack("cpu", torch.float32, 2)
-    layers[1]["act"] = layers[1]["act"][:, :5]
-    with pytest.raises(ValueError, match="same batch, tokens"):
-        _fold_layer_stack(layers, weights, labels, out_rows)
+    layers[which]["act"] = torch.cat([layers[which]["act"]] * 2, dim=1)
+    with pytest.raises(ValueError, match=r"the weights' batch and tokens"):
+        _fold_layer_stack(layers, weights, labels, out_rows, use=None if use == "compiled" else use)
+    act = layers[which]["act"]
+    with pytest.raises(ValueError, match=r"weights must be \(batch, tokens\)"):
+        _kernels.pool_fold(act, weights, torch.zeros(act.shape[0], act.shape[2], dtype=torch.float64),
+                           use=None if use == "compiled" else use)
 
 
 def test_reference_pools_by_hand():
