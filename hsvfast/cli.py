@@ -189,6 +189,11 @@ def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
         print(f"wrote {plot}")
 
 
+def _print_sample_note(report) -> None:
+    if report.sample_note:
+        print(f"Note: {report.sample_note}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     check_writable(out=args.out, plot=args.plot)
     model, tokenizer = load_model(args.model)
@@ -200,9 +205,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"hsvfast {report.version} ({report.backend}) — {report.model_name} on the demo sentiment sample: "
           f"{report.num_examples} sentences, classes {report.class_counts}, {elapsed:.1f} s\n")
     print(report.to_markdown())
-    print(f"\nBest layer (lowest ν): {report.best_layer}. Put the classifier there and drop the layers above it.\n"
-          "(50 sentences against d = 384 dimensions: ν is biased low at this size; score a few thousand "
-          "examples per class for real decisions.)")
+    print(f"\nBest layer (lowest ν): {report.best_layer}. Put the classifier there and drop the layers above it.")
+    _print_sample_note(report)
     _write_outputs(report, args.out, args.plot)
     return 0
 
@@ -287,6 +291,7 @@ def run_score(args: argparse.Namespace) -> int:
           f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
+    _print_sample_note(report)
     _write_outputs(report, args.out, args.plot)
     return 0
 
@@ -379,6 +384,7 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.report or args.plot:
         report = hsvfast.report_from(merged)
         print(report.to_markdown())
+        _print_sample_note(report)
         _write_outputs(report, args.report, args.plot)
     return 0
 
@@ -390,6 +396,7 @@ def run_report(args: argparse.Namespace) -> int:
     report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
+    _print_sample_note(report)
     _write_outputs(report, args.out, args.plot)
     return 0
 

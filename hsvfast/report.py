@@ -25,6 +25,7 @@ class Report:
         version: the hsvfast version that made the report.
         num_blocks: how many transformer blocks the model has (scored or not).
         task: what was scored (e.g. the data file), for titles and tables.
+        hidden_size: the largest hidden size d of the scored layers (see :attr:`sample_note`).
         stats: the underlying :class:`hsvfast.Statistics` (not serialised).
     """
 
@@ -39,6 +40,7 @@ class Report:
     version: str
     num_blocks: Optional[int] = None
     task: Optional[str] = None
+    hidden_size: Optional[int] = None
     stats: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -59,6 +61,7 @@ class Report:
             version=data.get("hsvfast_version", "unknown"),
             num_blocks=data.get("num_blocks"),
             task=data.get("task"),
+            hidden_size=data.get("hidden_size"),
         )
 
     @property
@@ -72,6 +75,24 @@ class Report:
             raise ValueError(f"no layer has a defined {name}")
         return min(finite)[1]
 
+    @property
+    def sample_note(self) -> Optional[str]:
+        """A caution when some class has fewer examples than the hidden size d, else None.
+
+        Each class mean then carries estimation noise in all d directions, which ν reads as
+        separation between the classes: ν comes out low, more so the smaller the sample, so its
+        level is only comparable between layers of runs of one size.
+        """
+        if "variability" not in self.metrics or not self.hidden_size or not self.class_counts:
+            return None
+        label, smallest = min(self.class_counts.items(), key=lambda kv: kv[1])
+        if smallest >= self.hidden_size:
+            return None
+        return (f"Class {label!r} has {smallest:,} examples, fewer than the hidden size d = {self.hidden_size}: "
+                "ν is biased low at this sample size (noise in the class means reads as separation). Compare "
+                "layers within this run, not ν levels across sample sizes, and score a few thousand examples "
+                "per class for decisions.")
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (non-finite values become None; label keys become strings)."""
         def clean(v: float) -> Optional[float]:
@@ -84,6 +105,7 @@ class Report:
             "backend": self.backend,
             "task": self.task,
             "num_blocks": self.num_blocks,
+            "hidden_size": self.hidden_size,
             "layers": list(self.layers),
             "best_layer": self.best_layer,
             "metrics": {name: [clean(v) for v in values] for name, values in self.metrics.items()},

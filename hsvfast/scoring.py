@@ -342,6 +342,7 @@ def report_from(stats: Statistics) -> Report:
         version=__version__,
         num_blocks=stats.info.get("num_blocks"),
         task=stats.info.get("task"),
+        hidden_size=max((m.hidden_size for m in stats.moments if m is not None), default=None),
         stats=stats,
     )
 

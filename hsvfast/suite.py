@@ -169,7 +169,14 @@ def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[s
                     cells.append(f"{nu[layer]:.4g}{' ◀' if layer == report.best_layer else ''}")
                 else:
                     cells.append("")
-            markdown.append(f"| {task} | " + " | ".join(cells) + f" | {report.best_layer} |")
+            small = " †" if report.sample_note else ""
+            markdown.append(f"| {task}{small} | " + " | ".join(cells) + f" | {report.best_layer} |")
+        small = [f"{task} ({min(r.class_counts.values()):,} < d = {r.hidden_size})" for task in tasks
+                 for r in [reports.get((model, task))] if r is not None and r.sample_note]
+        if small:
+            markdown += ["", "† a class has fewer examples than the hidden size d: " + ", ".join(small) + ". ν is "
+                         "biased low at such sizes; compare layers within a task, and score more examples for "
+                         "decisions."]
         markdown.append("")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out_dir / "summary.csv", rows.getvalue())

@@ -61,7 +61,8 @@ def test_score_writes_report_and_plot(tmp_path, tiny_model_dir):
     assert set(report) >= {"hsvfast_version", "model_name", "pooling", "layers", "best_layer", "metrics",
                            "class_counts", "num_examples", "num_skipped", "num_blocks", "task"}
     assert report["layers"] == [0, 1, 2] and report["num_examples"] == 24
-    assert report["class_counts"] == {"0": 12, "1": 12}
+    assert report["class_counts"] == {"0": 12, "1": 12} and report["hidden_size"] == 32
+    assert "Note: Class 0 has 12 examples, fewer than the hidden size d = 32: ν is biased low" in result.stdout
     assert len(report["metrics"]["variability"]) == 3
     png = (tmp_path / "r.png").read_bytes()
     assert png.startswith(PNG_MAGIC)
@@ -195,6 +196,7 @@ def test_demo_runs_offline(minilm_path):
     result = run_cli("demo", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "all-MiniLM-L6-v2" in result.stdout and "Best layer (lowest ν)" in result.stdout
+    assert "Note: Class 0 has 25 examples, fewer than the hidden size d = 384" in result.stdout
     assert result.stdout.count("|") > 30
 
 
@@ -608,7 +610,8 @@ labels = { no = 0, yes = 1 }
     for name in ("summary.csv", "summary.md", "grid.png"):
         assert (out / name).exists()
     assert (out / "grid.png").read_bytes().startswith(PNG_MAGIC)
-    assert "| single |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "| single † |" in summary and "single (12 < d = 32), pairs (12 < d = 32). ν is biased low" in summary
 
     (model_dir / "pairs.json").unlink()
     before = (model_dir / "single.json").stat().st_mtime_ns

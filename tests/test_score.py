@@ -338,3 +338,18 @@ def test_class_counts_read_from_the_dataset_when_per_class_matrices_do_not_fit()
     np.testing.assert_allclose(tight.metrics["variability"], per_class.metrics["variability"], rtol=1e-9)
     with pytest.raises(MemoryError, match="class_counts"):
         hsvfast.score(model, batches, max_memory=2 * 3 * 8 * 32 * 32)
+
+
+def test_report_notes_classes_smaller_than_the_hidden_size():
+    import hsvfast.report
+
+    model = tiny_model("bert")  # d = 32
+    small = hsvfast.score(model, random_batches(num_batches=4))  # 48 sequences, 3 classes
+    label, smallest = min(small.class_counts.items(), key=lambda kv: kv[1])
+    assert small.hidden_size == 32 and smallest < 32
+    assert small.sample_note.startswith(f"Class {label!r} has {smallest} examples, fewer than the hidden size d = 32")
+    again = hsvfast.report.Report.from_dict(json.loads(json.dumps(small.to_dict())))
+    assert again.hidden_size == 32 and again.sample_note is not None
+    large = hsvfast.score(model, random_batches(num_batches=12))  # every class > 32 examples
+    assert min(large.class_counts.values()) >= 32 and large.sample_note is None
+    assert hsvfast.score(model, random_batches(num_batches=4), metrics=["trace_ratio"]).sample_note is None
