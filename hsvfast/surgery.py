@@ -124,7 +124,8 @@ class BottleneckAdapter(nn.Module):
 
 
 class AdaptedProjection(nn.Module):
-    """A projection followed by an adapter: where the residual add and LayerNorm come next."""
+    """A projection (or a mixture-of-experts block) followed by an adapter: where the residual add
+    and LayerNorm come next. Attributes it lacks are the wrapped module's (T5 reads ``wo.weight``)."""
 
     def __init__(self, base: nn.Module, adapter: BottleneckAdapter) -> None:
         super().__init__()
@@ -132,7 +133,18 @@ class AdaptedProjection(nn.Module):
         self.adapter = adapter
 
     def forward(self, *args, **kwargs):
-        return self.adapter(self.base(*args, **kwargs))
+        out = self.base(*args, **kwargs)
+        if isinstance(out, tuple):  # (hidden states, router logits …) of some MoE blocks
+            return (self.adapter(out[0]),) + out[1:]
+        return self.adapter(out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapter"):
+                raise
+            return getattr(self.base, name)
 
 
 def _linear_shape(module: nn.Module) -> Optional[Tuple[int, int]]:
@@ -150,23 +162,42 @@ def adapter_sites(block: nn.Module, hidden_size: int) -> Tuple[str, str]:
     The attention output is the last projection to ``hidden_size`` inside the attention submodule
     (``attention.output.dense``, ``out_lin``, ``attn.c_proj``, ``self_attn.o_proj``); the FFN output is
     the last projection to ``hidden_size`` outside it (``output.dense``, ``lin2``, ``mlp.c_proj``,
-    ``mlp.down_proj``).
+    ``mlp.down_proj``) — in a mixture of experts, the module holding all experts (``mlp``), whose
+    output is the routed experts' sum (the shared expert's included), not one expert's projection.
     """
     attention, ffn = None, None
     for name, module in block.named_modules():
         shape = _linear_shape(module)
         if shape is None or shape[1] != hidden_size:
             continue
-        if any(part in name.lower() for part in ("attn", "attention")):
+        if _is_attention(name):
             attention = name
         else:
             ffn = name
+    experts = [name.rsplit(".", 1)[0] for name, _ in block.named_modules()
+               if "." in name and "expert" in name.rsplit(".", 1)[-1].lower() and not _is_attention(name)]
+    if experts:
+        ffn = ".".join(_common_prefix([name.split(".") for name in experts])) or None
     if attention is None or ffn is None:
         raise ValueError(
             f"could not find the attention output and FFN output projections in {type(block).__name__} "
             f"(hidden size {hidden_size}); use kind='lora' or add adapters by hand"
         )
     return attention, ffn
+
+
+def _is_attention(name: str) -> bool:
+    return any(part in name.lower() for part in ("attn", "attention"))
+
+
+def _common_prefix(paths: List[List[str]]) -> List[str]:
+    prefix = paths[0]
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(prefix), len(path)) and prefix[n] == path[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
 
 
 def hidden_size_of(model: nn.Module) -> int:

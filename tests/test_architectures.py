@@ -239,3 +239,28 @@ def test_encoder_decoder_plan_puts_the_classifier_on_the_encoder():
     model.decoder.register_forward_hook(lambda *a: calls.append(1))
     logits = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.shape == (16, 3) and not calls
+
+
+@pytest.mark.parametrize("name,sites", [
+    ("t5-encoder", ("layer.0.SelfAttention.o", "layer.1.DenseReluDense.wo")),  # T5 reads wo.weight in its forward
+    # A mixture of experts: the adapter follows the whole block (routed experts + the gated shared expert),
+    # not the shared expert's down projection, the last nn.Linear to d in it.
+    ("qwen2-moe", ("self_attn.o_proj", "mlp")),
+    ("falcon", ("self_attention.dense", "mlp.dense_4h_to_h")),
+    ("modernbert", ("attn.Wo", "mlp.Wo")),
+])
+def test_adapters_sit_after_attention_and_the_whole_ffn_and_start_as_the_identity(name, sites):
+    from hsvfast.surgery import BottleneckAdapter, adapter_sites
+
+    model = SWEEP[name]()
+    assert adapter_sites(hsvfast.find_blocks(model)[0], H) == sites
+    batch = random_batches(num_batches=1, batch_size=8, max_len=10)[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    before = model(**inputs).last_hidden_state.detach()  # with autograd on, as after: the same kernels
+    hsvfast.add_adapters(model, [0, 2], bottleneck=8, init="zero")
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert len(adapters) == 4
+    after = model(**inputs).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    after.square().sum().backward()
+    assert all(a.up.weight.grad is not None and a.up.weight.grad.abs().sum() > 0 for a in adapters)
