@@ -136,7 +136,14 @@ def score(
     if cuda_graphs is True and not graphs_supported(device):
         raise ValueError(f"cuda_graphs=True needs a CUDA device and the compiled CUDA kernels; scoring runs on "
                          f"{device} with the {_kernels.backend(device)!r} backend. Leave cuda_graphs off (or 'auto').")
-    use_graphs = cuda_graphs is True or (cuda_graphs == "auto" and graphs_supported(device))
+    # A model split over devices (accelerate's device_map, CPU offload): blocks elsewhere hand their outputs
+    # over with a copy to the statistics' device (its cost is the copy: ~1 % of a block's work at d = 8192).
+    block_devices = {p.device for block in blocks for p in block.parameters()}
+    spread = bool(block_devices - {device}) and device == original_device
+    if spread and cuda_graphs is True:
+        raise ValueError(f"cuda_graphs=True needs the whole model on one device; its blocks lie on "
+                         f"{sorted(str(d) for d in block_devices)}. Leave cuda_graphs off.")
+    use_graphs = not spread and (cuda_graphs is True or (cuda_graphs == "auto" and graphs_supported(device)))
 
     current: Dict[str, Any] = {"held_bytes": 0}
     deepest = layer_ids[-1]
@@ -185,6 +192,8 @@ def score(
             hidden = block_hidden_states(output)
             if tokens_first:
                 hidden = hidden.transpose(0, 1)  # a strided view: the kernels take any strides
+            if spread and hidden.device != device:
+                hidden = hidden.to(device)
             shape = hidden.shape
             if shape[0] != current["sequences"] or shape[1] != current["tokens"]:
                 raise ValueError(

@@ -203,3 +203,36 @@ def test_more_layers_than_one_launch_takes():
     on_cpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all")
     on_gpu = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", device="cuda")
     assert_same_statistics(on_gpu.stats, on_cpu.stats, rtol=1e-9, atol=1e-12)
+
+
+def _run_on(device):
+    """A forward pre-hook that moves a block's tensor arguments to ``device`` (what accelerate's hooks do
+    for a model dispatched with a device_map)."""
+    def move(value):
+        if torch.is_tensor(value):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    def hook(module, args, kwargs):
+        return move(args), {k: move(v) for k, v in kwargs.items()}
+    return hook
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_a_model_split_over_devices_is_scored_like_the_whole_model(kind):
+    model = tiny_model(kind).double().cuda()
+    batches = random_batches()
+    whole = hsvfast.score(model, batches)
+    blocks = hsvfast.find_blocks(model)
+    for k in (2, 3):  # the upper blocks offloaded to the host, as device_map="auto" does when a GPU is full
+        blocks[k].to("cpu")
+        blocks[k].register_forward_pre_hook(_run_on("cpu"), with_kwargs=True)
+    split = hsvfast.score(model, batches)
+    assert split.backend == "cuda" and next(blocks[3].parameters()).device.type == "cpu"
+    for name in whole.metrics:
+        np.testing.assert_allclose(split.metrics[name], whole.metrics[name], rtol=1e-9)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the whole model on one device"):
+        hsvfast.score(model, batches, cuda_graphs=True)
+    assert "cuda_graphs" not in hsvfast.score(model, batches, cuda_graphs="auto").stats.info
