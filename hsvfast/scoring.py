@@ -432,8 +432,9 @@ class _Checkpointer:
         save_statistics(self.stats, self.path, extra)
 
 
-# Architectures whose blocks keep hidden states as (tokens, sequences, hidden).
-_TOKENS_FIRST = ("xlnet",)
+# Architectures whose blocks keep hidden states as (tokens, sequences, hidden) (XLNet; FSMT, fairseq's layout).
+# Any other such model fails the shape check in the hooks on its first batch with sequences != tokens.
+_TOKENS_FIRST = ("xlnet", "fsmt")
 
 
 def json_roundtrip(value: Any) -> Any:

@@ -45,11 +45,20 @@ def xlnet():
     return tf.XLNetModel(tf.XLNetConfig(vocab_size=VOCAB, d_model=H, n_layer=L, n_head=4, d_inner=37)).eval()
 
 
+def fsmt():
+    torch.manual_seed(0)
+    return tf.FSMTModel(tf.FSMTConfig(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=H, encoder_layers=L,
+                                      decoder_layers=L, encoder_attention_heads=4, decoder_attention_heads=4,
+                                      encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+                                      langs=["en", "de"])).eval()
+
+
 # name -> builder; every model's blocks keep (sequences, tokens, hidden) states of every input token
 SWEEP = {
     "albert": albert,
     "albert-2-groups": lambda: albert(groups=2),
     "xlnet": xlnet,
+    "fsmt": fsmt,  # fairseq's (tokens, sequences, hidden) blocks inside an encoder-decoder
     "t5": t5,
     "t5-encoder": lambda: t5(full=False),
     "bart": bart,
@@ -94,7 +103,7 @@ def test_every_layer_matches_the_hidden_states_transformers_returns(name):
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     assert report.layers == list(range(L)) and report.num_blocks == L
     # The last block of a decoder is scored before the final norm, which hidden_states[-1] includes.
-    checked = range(L) if name.startswith(("albert", "xlnet", "xlm", "camembert", "mpnet", "bart")) else range(L - 1)
+    checked = range(L) if name.startswith(("albert", "xlnet", "fsmt", "xlm", "camembert", "mpnet", "bart")) else range(L - 1)
     for k in checked:
         features = hf_layer_features(model, batches, k)
         assert ref.relative_error(report.metrics["trace_ratio"][k], ref.trace_ratio(features, labels)) <= 1e-9, k
