@@ -30,27 +30,34 @@ def configured_depth(model: nn.Module) -> Optional[int]:
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of a model, found without a per-architecture table.
 
-    Candidates are ``nn.ModuleList``s whose children all have one type; a list whose
-    length equals the config's depth (``num_hidden_layers``, ``n_layer`` …) wins, ties
-    broken by parameter count. Works for the encoders and decoder LMs of transformers
-    (tests/test_architectures.py lists those checked) and their task-head variants. In an encoder-decoder model
-    (T5, BART) only the encoder's blocks are candidates: they hold the input's hidden states.
+    Candidates are ``nn.ModuleList``s whose children all have one type, or of any types when the
+    list is as long as the config's depth (``num_hidden_layers``, ``n_layer`` …; hybrid models mix
+    attention and state-space layers); a list of that length wins, ties broken by parameter count.
+    A model that keeps its layers as parallel lists of that length under one parent (XLM, FlauBERT:
+    ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``) is read at the last one registered,
+    whose output ends each layer. In an encoder-decoder model (T5, BART) only the encoder's blocks
+    are candidates: they hold the input's hidden states. Works for the encoders and decoder LMs of
+    transformers (tests/test_architectures.py lists those checked) and their task-head variants.
     """
     depth = configured_depth(model)
     root = _encoder_of(model)
     candidates = []
-    for name, module in root.named_modules():
+    for order, (name, module) in enumerate(root.named_modules()):
         if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1:
+            if len(module) == depth or len({type(child) for child in module}) == 1:
                 size = sum(p.numel() for p in module.parameters())
-                candidates.append((len(module) == depth, size, name, module))
+                candidates.append((len(module) == depth, size, order, name, module))
     if not candidates:
         raise ValueError(
             f"could not find the transformer blocks of {type(model).__name__}: no nn.ModuleList of identical "
             "modules. Pass blocks=<the nn.ModuleList of blocks> to hsvfast.score."
         )
-    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-    return candidates[0][3]
+    best = max(candidates, key=lambda c: (c[0], c[1]))
+    if best[0]:
+        parent = best[3].rpartition(".")[0]
+        parallel = [c for c in candidates if c[0] and c[3].rpartition(".")[0] == parent]
+        best = max(parallel, key=lambda c: c[2])
+    return best[4]
 
 
 def _encoder_of(model: nn.Module) -> nn.Module:
@@ -127,10 +134,21 @@ def parent_of(model: nn.Module, target: nn.Module):
 def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Install ``blocks`` as the model's block list and make the config agree with it.
 
-    Per-layer config lists of the old depth (e.g. ``layer_types``) are cut to match.
+    Per-layer config lists of the old depth (e.g. ``layer_types``) are cut to match. Where the
+    layers are parallel lists (XLM: ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``), a
+    shorter ``blocks`` cuts the others alike; a depth the parent module keeps as an attribute
+    (XLM's ``n_layers``, read by its forward) follows.
     """
-    parent, name = parent_of(model, find_blocks(model))
+    current = find_blocks(model)
+    parent, name = parent_of(model, current)
     old_depth = configured_depth(model)
+    if len(blocks) < len(current):
+        for sibling, module in list(parent.named_children()):
+            if sibling != name and isinstance(module, nn.ModuleList) and len(module) == len(current):
+                setattr(parent, sibling, nn.ModuleList(list(module)[: len(blocks)]))
+    for attribute in _DEPTH_ATTRIBUTES:
+        if getattr(parent, attribute, None) == len(current) and not isinstance(getattr(parent, attribute), bool):
+            setattr(parent, attribute, len(blocks))
     setattr(parent, name, blocks)
     config = getattr(model, "config", None)
     if config is None:
@@ -142,4 +160,3 @@ def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
     for attribute, value in list(vars(config).items()):
         if isinstance(value, list) and old_depth is not None and len(value) == old_depth:
             setattr(config, attribute, value[: len(blocks)])
-

@@ -172,7 +172,8 @@ def score(
     # A module's n-th call in a forward makes the layer at its n-th place in `modules` (ALBERT's shared
     # groups run several layers; every other model's blocks run once each). One call counter per hooked
     # module, reset before each forward.
-    tokens_first = getattr(getattr(model, "config", None), "model_type", None) in _TOKENS_FIRST
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    tokens_first, pads_right = model_type in _TOKENS_FIRST, model_type in _PADS_RIGHT
     calls: List[int] = []
 
     def make_hook(slot: int, expected: int, scored: Dict[int, Tuple[int, int]]):
@@ -195,6 +196,9 @@ def score(
             if spread and hidden.device != device:
                 hidden = hidden.to(device)
             shape = hidden.shape
+            if pads_right and shape[1] > current["tokens"]:  # padded inside the model: the input's tokens come first
+                hidden = hidden[:, : current["tokens"]]
+                shape = hidden.shape
             if shape[0] != current["sequences"] or shape[1] != current["tokens"]:
                 raise ValueError(
                     f"block {layer} returned hidden states of shape {tuple(shape)}, but the batch holds "
@@ -435,6 +439,9 @@ class _Checkpointer:
 # Architectures whose blocks keep hidden states as (tokens, sequences, hidden) (XLNet; FSMT, fairseq's layout).
 # Any other such model fails the shape check in the hooks on its first batch with sequences != tokens.
 _TOKENS_FIRST = ("xlnet", "fsmt")
+# Architectures that pad the sequence on the right inside the model (to a multiple of their attention window
+# or block size), so their blocks see the input's tokens followed by padding.
+_PADS_RIGHT = ("longformer", "led", "pegasus_x")
 
 
 def json_roundtrip(value: Any) -> Any:

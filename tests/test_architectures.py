@@ -53,12 +53,36 @@ def fsmt():
                                       langs=["en", "de"])).eval()
 
 
+def seq2seq(config_name, model_name, **extra):
+    torch.manual_seed(0)
+    config = getattr(tf, config_name)(vocab_size=VOCAB, d_model=H, encoder_layers=L, decoder_layers=L,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                                      decoder_ffn_dim=37, **extra)
+    return getattr(tf, model_name)(config).eval()
+
+
+def xlm_like(config_name, model_name):
+    torch.manual_seed(0)
+    return getattr(tf, model_name)(getattr(tf, config_name)(vocab_size=VOCAB, emb_dim=H, n_layers=L, n_heads=4,
+                                                            max_position_embeddings=64)).eval()
+
+
 # name -> builder; every model's blocks keep (sequences, tokens, hidden) states of every input token
 SWEEP = {
     "albert": albert,
     "albert-2-groups": lambda: albert(groups=2),
     "xlnet": xlnet,
     "fsmt": fsmt,  # fairseq's (tokens, sequences, hidden) blocks inside an encoder-decoder
+    # XLM and FlauBERT keep each layer's parts in parallel lists: attentions, layer_norm1, ffns, layer_norm2
+    "xlm": lambda: xlm_like("XLMConfig", "XLMModel"),
+    "flaubert": lambda: xlm_like("FlaubertConfig", "FlaubertModel"),
+    # Longformer, LED and PEGASUS-X pad the input on the right to their window / block size inside the model
+    "longformer": lambda: build("LongformerConfig", "LongformerModel", pad_token_id=1, attention_window=4),
+    "led": lambda: seq2seq("LEDConfig", "LEDModel", attention_window=4, max_encoder_position_embeddings=64,
+                           max_decoder_position_embeddings=64),
+    "pegasus-x": lambda: seq2seq("PegasusXConfig", "PegasusXModel", block_size=8, max_position_embeddings=64),
+    # a hybrid: attention and linear-attention layers of different types in one list
+    "olmo-hybrid": lambda: build("OlmoHybridConfig", "OlmoHybridModel", num_key_value_heads=2, pad_token_id=1),
     "t5": t5,
     "t5-encoder": lambda: t5(full=False),
     "bart": bart,
@@ -89,7 +113,8 @@ def hf_layer_features(model, batches, layer):
         for batch in batches:
             out = runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True)
-            hidden, mask = out.hidden_states[layer + 1].double(), batch["attention_mask"].double().unsqueeze(-1)
+            mask = batch["attention_mask"].double().unsqueeze(-1)
+            hidden = out.hidden_states[layer + 1].double()[:, : mask.shape[1]]  # PEGASUS-X returns its padding
             features.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
     return np.concatenate(features)
 
@@ -103,7 +128,8 @@ def test_every_layer_matches_the_hidden_states_transformers_returns(name):
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     assert report.layers == list(range(L)) and report.num_blocks == L
     # The last block of a decoder is scored before the final norm, which hidden_states[-1] includes.
-    checked = range(L) if name.startswith(("albert", "xlnet", "fsmt", "xlm", "camembert", "mpnet", "bart")) else range(L - 1)
+    checked = range(L) if name.startswith(("albert", "xlnet", "fsmt", "xlm", "flaubert", "longformer", "led", "camembert",
+                                                 "mpnet", "bart")) else range(L - 1)
     for k in checked:
         features = hf_layer_features(model, batches, k)
         assert ref.relative_error(report.metrics["trace_ratio"][k], ref.trace_ratio(features, labels)) <= 1e-9, k
@@ -273,3 +299,24 @@ def test_adapters_sit_after_attention_and_the_whole_ffn_and_start_as_the_identit
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     after.square().sum().backward()
     assert all(a.up.weight.grad is not None and a.up.weight.grad.abs().sum() > 0 for a in adapters)
+
+
+@pytest.mark.parametrize("name", ["xlm", "t5", "longformer", "olmo-hybrid"])
+def test_truncated_models_run_their_first_layers(name):
+    model = SWEEP[name]()
+    batches = random_batches(num_batches=2, batch_size=16, max_len=10)
+    full = hsvfast.score(model, batches, pooling="mean_all")
+    hsvfast.truncate(model, 1)
+    assert len(hsvfast.find_blocks(model)) == 2
+    if name == "xlm":  # every parallel list is cut, and the forward's own layer count follows
+        assert [len(getattr(model, n)) for n in ("attentions", "layer_norm1", "ffns", "layer_norm2")] == [2] * 4
+        assert model.n_layers == 2
+    runner = model.get_encoder() if model.config.is_encoder_decoder else model
+    with torch.no_grad():
+        extra = {"use_cache": False} if name == "olmo-hybrid" else {}  # its 2 layers left hold no KV cache
+        out = runner(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"],
+                     output_hidden_states=True, **extra)
+    assert len(out.hidden_states) == 3
+    cut = hsvfast.score(model, batches, pooling="mean_all")
+    assert cut.layers == [0, 1]
+    np.testing.assert_allclose(cut.metrics["variability"], full.metrics["variability"][:2], rtol=1e-12)
