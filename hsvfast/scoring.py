@@ -199,13 +199,13 @@ def score(
             if pads_right and shape[1] > current["tokens"]:  # padded inside the model: the input's tokens come first
                 hidden = hidden[:, : current["tokens"]]
                 shape = hidden.shape
-            if shape[0] != current["sequences"] or shape[1] != current["tokens"]:
+            if len(shape) != 3 or shape[0] != current["sequences"] or shape[1] != current["tokens"]:
                 raise ValueError(
                     f"block {layer} returned hidden states of shape {tuple(shape)}, but the batch holds "
                     f"{tuple(current['weights'].shape)} (sequences, tokens): hsvfast reads each block's output as "
-                    "(sequences, tokens, hidden) for every token of the input. This model's blocks change or "
-                    "reorder the tokens (e.g. Funnel pools them); score a model whose blocks keep them, or pass "
-                    "blocks= the list of blocks that do."
+                    "(sequences, tokens, hidden) for every token of the input. This model's blocks change, reorder "
+                    "or split the tokens' states (e.g. Funnel pools them; hyper-connection models keep several "
+                    "streams); score a model whose blocks keep them, or pass blocks= the list of blocks that do."
                 )
             held_positions.append(position)
             held_acts.append(hidden)

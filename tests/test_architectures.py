@@ -187,6 +187,12 @@ class DropsAToken(ReusesABlock):
         return self.blocks[1](h[:, 1:])  # the second block sees one token less: pooling it needs another mask
 
 
+class KeepsTwoStreams(ReusesABlock):
+    def forward(self, input_ids, attention_mask=None):
+        h = self.blocks[0](self.embed(input_ids))
+        return self.blocks[1](torch.stack([h, h], dim=2))  # (sequences, tokens, streams, hidden)
+
+
 def test_a_block_run_twice_in_one_forward_is_refused():
     with pytest.raises(RuntimeError, match=r"ran 2 times in one forward.*blocks="):
         hsvfast.score(ReusesABlock(), random_batches(), pooling="mean_all")
@@ -197,6 +203,8 @@ def test_a_block_that_changes_the_tokens_is_refused_before_any_kernel_reads_it()
     with pytest.raises(ValueError, match=r"block 1 returned hidden states of shape \(12, 9, 8\).*\(12, 10\)"):
         hsvfast.score(model, random_batches(), pooling="mean_all")
     assert hsvfast.score(model, random_batches(), pooling="mean_all", layers=[0]).layers == [0]
+    with pytest.raises(ValueError, match=r"block 1 returned hidden states of shape \(12, 10, 2, 8\).*several streams"):
+        hsvfast.score(KeepsTwoStreams(), random_batches(), pooling="mean_all")
 
 
 @pytest.mark.parametrize("name,limit", [("camembert", 62), ("mpnet", 62), ("xlm-roberta", 62)])
