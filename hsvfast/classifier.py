@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .pooling import special_token_ids, token_weights
-from .surgery import hidden_size_of
+from .layers import hidden_size_of
 
 
 class Classifier(nn.Module):

@@ -84,9 +84,41 @@ def layer_modules(model: nn.Module, blocks: Optional[nn.ModuleList] = None) -> L
     return list(blocks)
 
 
+def parallel_lists(model: nn.Module, blocks: nn.ModuleList) -> List[nn.ModuleList]:
+    """The lists that hold each layer's parts side by side, in registration order: ``blocks`` and its
+    siblings of the same length (XLM: ``attentions``, ``layer_norm1``, ``ffns``, ``layer_norm2``); just
+    ``[blocks]`` for a model whose blocks are whole layers."""
+    try:
+        parent, _ = parent_of(model, blocks)
+    except ValueError:  # blocks given by hand, not in the model's tree
+        return [blocks]
+    return [module for module in parent.children()
+            if module is blocks or (isinstance(module, nn.ModuleList) and len(module) == len(blocks))]
+
+
+def layer_parts(model: nn.Module, blocks: Optional[nn.ModuleList] = None) -> List[List[nn.Module]]:
+    """The modules that make up each layer, one list per layer: its block (ALBERT: its shared group),
+    or where the layers are parallel lists, the layer's entry of each (see :func:`parallel_lists`)."""
+    blocks = find_blocks(model) if blocks is None else blocks
+    lists = parallel_lists(model, blocks)
+    if len(lists) == 1:
+        return [[module] for module in layer_modules(model, blocks)]
+    return [[parts[k] for parts in lists] for k in range(len(blocks))]
+
+
 def shares_weights(modules: Sequence[nn.Module]) -> bool:
     """Whether some module runs more than one layer (ALBERT)."""
     return len({id(m) for m in modules}) < len(modules)
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The model's hidden size d, read from its config under any of the names transformers uses."""
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "dim", "n_embd", "d_model", "emb_dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
 
 
 def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:
@@ -144,7 +176,7 @@ def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
     old_depth = configured_depth(model)
     if len(blocks) < len(current):
         for sibling, module in list(parent.named_children()):
-            if sibling != name and isinstance(module, nn.ModuleList) and len(module) == len(current):
+            if module is not current and any(module is p for p in parallel_lists(model, current)):
                 setattr(parent, sibling, nn.ModuleList(list(module)[: len(blocks)]))
     for attribute in _DEPTH_ATTRIBUTES:
         if getattr(parent, attribute, None) == len(current) and not isinstance(getattr(parent, attribute), bool):

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from .layers import layer_modules
+from .layers import layer_parts
 from .report import Report
 
 RULES = ("argmin", "earliest")
@@ -101,8 +101,8 @@ def plan(
     tuned = list(range(head - num_tuned + 1, head + 1))
     trainable = None
     if model is not None:
-        modules = layer_modules(model)  # ALBERT's layers share groups: count each group once
-        trainable = sum(p.numel() for m in {id(modules[k]): modules[k] for k in tuned}.values() for p in m.parameters())
+        parts = layer_parts(model)  # ALBERT's layers share groups: count each group once
+        trainable = sum(p.numel() for m in {id(m): m for k in tuned for m in parts[k]}.values() for p in m.parameters())
     return Plan(
         head_layer=head,
         tuned_layers=tuned,

@@ -16,7 +16,7 @@ from torch import nn
 from . import _kernels
 from .batching import BucketedBatches
 from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
-from .layers import StopForward, block_hidden_states, find_blocks, layer_modules, resolve_layers
+from .layers import StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, resolve_layers
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
 from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
@@ -531,8 +531,9 @@ def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory
                       progress: bool = False):
     """Class counts, when per-class matrices would not fit: from :class:`hsvfast.batching.BucketedBatches`
     (a tokenising pre-pass that counts what will be scored) or a Hugging Face dataset's label column."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not hidden:
+    try:
+        hidden = hidden_size_of(model)
+    except ValueError:
         return None
     if isinstance(loader, BucketedBatches):
         classes = set(normalise_labels(loader.labels))

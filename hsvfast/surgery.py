@@ -10,7 +10,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import configured_depth, find_blocks, layer_modules, parent_of, set_depth, shares_weights
+from .layers import (configured_depth, find_blocks, hidden_size_of, layer_modules, layer_parts, parallel_lists,
+                     parent_of, set_depth, shares_weights)
 
 ADAPTER_KINDS = ("sequential", "lora")
 ADAPTER_INITS = ("bert", "zero")
@@ -89,7 +90,10 @@ def freeze(model: nn.Module, tuned_layers: Sequence[int], train_norms: bool = Tr
     norm layers (``train_norms``) and any hsvfast adapters train. Adapters are always trainable.
     """
     modules = layer_modules(model)
-    tuned = _modules_of(modules, _check_layers(tuned_layers, len(modules), "freeze"), "freeze")
+    tuned_layers = _check_layers(tuned_layers, len(modules), "freeze")
+    _modules_of(modules, tuned_layers, "freeze")  # refuses layers that share weights with untuned ones
+    parts = layer_parts(model)
+    tuned = {id(part): part for k in tuned_layers for part in parts[k]}.values()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for block in tuned:
@@ -200,15 +204,6 @@ def _common_prefix(paths: List[List[str]]) -> List[str]:
     return prefix
 
 
-def hidden_size_of(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for name in ("hidden_size", "dim", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
-
-
 def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256, kind: str = "sequential",
                  init: str = "bert", **lora_options) -> nn.Module:
     """Add the paper's adapters to ``layers`` and return the model.
@@ -223,6 +218,9 @@ def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256,
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
     blocks = find_blocks(model)
+    if len(parallel_lists(model, blocks)) > 1:
+        raise ValueError(f"{type(model).__name__} keeps its layers as parallel lists, not blocks: adapters cannot be "
+                         "placed in them by hsvfast; fine-tune the layers (method='finetune') or add adapters by hand")
     modules = layer_modules(model, blocks)
     adapted = _modules_of(modules, _check_layers(layers, len(modules), "add_adapters"), "add_adapters")
     if kind == "lora":

@@ -328,3 +328,21 @@ def test_truncated_models_run_their_first_layers(name):
     cut = hsvfast.score(model, batches, pooling="mean_all")
     assert cut.layers == [0, 1]
     np.testing.assert_allclose(cut.metrics["variability"], full.metrics["variability"][:2], rtol=1e-12)
+
+
+def test_a_plan_is_carried_out_on_a_model_of_parallel_layer_lists():
+    model = SWEEP["xlm"]()  # its hidden size is the config's emb_dim
+    classifier = hsvfast.apply(model, hsvfast.plan(scored(model), num_tuned=1), num_labels=3, pooling="mean_all")
+    assert model.n_layers == 3 and len(model.ffns) == 3
+    # Tuning layer 2 trains its entry of every list (was only layer_norm2[2]); nothing else.
+    trainable = {".".join(n.split(".")[:2]) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"attentions.2", "layer_norm1.2", "ffns.2", "layer_norm2.2"}, trainable
+    batch = random_batches(num_batches=1, batch_size=16, max_len=10)[0]
+    out = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert out.logits.shape == (16, 3)
+    fresh = SWEEP["xlm"]()
+    layer_2 = sum(p.numel() for name in ("attentions", "layer_norm1", "ffns", "layer_norm2")
+                  for p in getattr(fresh, name)[2].parameters())
+    assert hsvfast.plan(scored(fresh), num_tuned=1, model=fresh).trainable_parameters == layer_2
+    with pytest.raises(ValueError, match="parallel lists, not blocks.*method='finetune'"):
+        hsvfast.apply(fresh, hsvfast.plan(scored(fresh), num_tuned=1), num_labels=3, method="adapter")
