@@ -193,12 +193,11 @@ def score(
             hidden = block_hidden_states(output)
             if tokens_first:
                 hidden = hidden.transpose(0, 1)  # a strided view: the kernels take any strides
+            if pads_right and hidden.shape[1] > current["tokens"]:  # padded inside the model: the input comes first
+                hidden = hidden[:, : current["tokens"]]
             if spread and hidden.device != device:
                 hidden = hidden.to(device)
             shape = hidden.shape
-            if pads_right and shape[1] > current["tokens"]:  # padded inside the model: the input's tokens come first
-                hidden = hidden[:, : current["tokens"]]
-                shape = hidden.shape
             if len(shape) != 3 or shape[0] != current["sequences"] or shape[1] != current["tokens"]:
                 raise ValueError(
                     f"block {layer} returned hidden states of shape {tuple(shape)}, but the batch holds "
