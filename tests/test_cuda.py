@@ -236,3 +236,18 @@ def test_a_model_split_over_devices_is_scored_like_the_whole_model(kind):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the whole model on one device"):
         hsvfast.score(model, batches, cuda_graphs=True)
     assert "cuda_graphs" not in hsvfast.score(model, batches, cuda_graphs="auto").stats.info
+
+
+@pytest.mark.parametrize("name", ["albert", "xlnet", "longformer", "t5", "xlm"])
+def test_architectures_read_through_views_score_on_cuda_as_on_the_cpu(name):
+    # Shared groups (ALBERT), tokens-first states read as a transposed view (XLNet), inside padding cut off
+    # by a slice (Longformer), the encoder of an encoder-decoder (T5), parallel layer lists (XLM).
+    from test_architectures import SWEEP
+
+    model = SWEEP[name]().double()
+    batches = random_batches(num_batches=3, batch_size=16, max_len=10)
+    on_cpu = hsvfast.score(model, batches, pooling="mean_all")
+    on_gpu = hsvfast.score(model, batches, pooling="mean_all", device="cuda")
+    assert on_gpu.backend == "cuda" and on_gpu.layers == on_cpu.layers
+    for metric in on_cpu.metrics:
+        np.testing.assert_allclose(on_gpu.metrics[metric], on_cpu.metrics[metric], rtol=1e-7)
