@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .pooling import special_token_ids, token_weights
-from .layers import hidden_size_of
+from .layers import hidden_size_of, without_cache
 
 
 class Classifier(nn.Module):
@@ -35,6 +35,8 @@ class Classifier(nn.Module):
         self.pooling = pooling
         self.num_labels = num_labels
         self.special_ids = special_token_ids(tokenizer)
+        # PEFT's wrapper takes **kwargs and hands them to the model it wraps: ask that model.
+        self._no_cache = without_cache(backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone)
         hidden = hidden_size_of(backbone)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(dropout),
                                   nn.Linear(hidden, num_labels))
@@ -55,7 +57,7 @@ class Classifier(nn.Module):
             inputs["attention_mask"] = attention_mask
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**inputs).last_hidden_state
+        hidden = self.backbone(**inputs, **self._no_cache).last_hidden_state
         batch = dict(inputs)
         if special_tokens_mask is not None:
             batch["special_tokens_mask"] = special_tokens_mask

@@ -6,7 +6,8 @@ for decoders the last block's output is taken before the final norm).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import inspect
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -112,13 +113,28 @@ def shares_weights(modules: Sequence[nn.Module]) -> bool:
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    """The model's hidden size d, read from its config under any of the names transformers uses."""
+    """The model's hidden size d, read from its config under any of the names transformers uses; for a
+    part without a config (FSMT's encoder), the width of its token embedding."""
     config = getattr(model, "config", None)
     for name in ("hidden_size", "dim", "n_embd", "d_model", "emb_dim"):
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
+    if config is None:
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if embedding is not None:
+            return embedding.embedding_dim
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
+
+
+def without_cache(model: nn.Module) -> Dict[str, Any]:
+    """Forward arguments that switch off the KV cache, where the model takes them: neither scoring nor
+    training a classifier reads it (and a hybrid cut to linear-attention layers cannot make one)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import inspect
 import os
 import warnings
 from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -16,7 +15,8 @@ from torch import nn
 from . import _kernels
 from .batching import BucketedBatches
 from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
-from .layers import StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, resolve_layers
+from .layers import (StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, resolve_layers,
+                     without_cache)
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
 from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
@@ -125,7 +125,7 @@ def score(
     resume = _Checkpointer(checkpoint, checkpoint_every, stats, model, loader)
     stats = resume.stats  # fresh, or the checkpoint's
     stats.info["metrics"] = metric_names  # a resumed run reports what this call asks for
-    forward_kwargs = _accepted_kwargs(model)
+    forward_kwargs = without_cache(model)
     if autocast is None:
         autocast = device.type == "cuda" and next(model.parameters()).dtype == torch.float32
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -515,15 +515,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
-
-
-def _accepted_kwargs(model: nn.Module) -> Dict[str, Any]:
-    """Switch off work the scoring pass never reads (KV cache), where the model accepts it."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in parameters else {}
 
 
 def _counts_if_needed(model: nn.Module, loader: Any, num_layers: int, max_memory: int, pooling: str,

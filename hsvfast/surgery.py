@@ -244,8 +244,11 @@ def _add_lora(model: nn.Module, blocks: nn.ModuleList, layers: List[int], **opti
         from peft import LoraConfig, get_peft_model
     except ImportError as error:
         raise ImportError("kind='lora' needs PEFT: pip install peft (or hsvfast[lora])") from error
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in blocks[0].named_modules() if _linear_shape(m)})
-    _, list_name = parent_of(model, blocks)
-    config = LoraConfig(target_modules=targets, layers_to_transform=layers, layers_pattern=list_name,
-                        **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
+    # Every linear layer of the adapted blocks, by its full name (a hybrid's attention and linear-attention
+    # layers name theirs apart), except in mixtures of experts: PEFT reads names like "down_proj" there as
+    # the fused expert weights (its transformers-4 compatibility mapping) and fails on them.
+    adapted = {id(m) for k in layers for m in blocks[k].modules()}
+    targets = sorted(name for name, m in model.named_modules() if id(m) in adapted and _linear_shape(m)
+                     and not any("expert" in part.lower() for part in name.split(".")))
+    config = LoraConfig(target_modules=targets, **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
     return get_peft_model(model, config)

@@ -83,6 +83,8 @@ SWEEP = {
     "pegasus-x": lambda: seq2seq("PegasusXConfig", "PegasusXModel", block_size=8, max_position_embeddings=64),
     # a hybrid: attention and linear-attention layers of different types in one list
     "olmo-hybrid": lambda: build("OlmoHybridConfig", "OlmoHybridModel", num_key_value_heads=2, pad_token_id=1),
+    # linear attention in layers 0-2, full attention in 3, experts in every layer
+    "qwen3-next": lambda: build("Qwen3NextConfig", "Qwen3NextModel", num_key_value_heads=2, head_dim=8, pad_token_id=1),
     "t5": t5,
     "t5-encoder": lambda: t5(full=False),
     "bart": bart,
@@ -273,10 +275,11 @@ def test_albert_truncation_keeps_each_layer_on_its_group_or_refuses():
     assert model.config.num_hidden_layers == 3
 
 
-def test_encoder_decoder_plan_puts_the_classifier_on_the_encoder():
-    model = bart()
+@pytest.mark.parametrize("name", ["bart", "t5", "fsmt"])  # FSMT's encoder has no config of its own
+def test_encoder_decoder_plan_puts_the_classifier_on_the_encoder(name):
+    model = SWEEP[name]()
     classifier = hsvfast.apply(model, hsvfast.plan(scored(model), num_tuned=1), num_labels=3, pooling="mean_all")
-    assert classifier.backbone is model.encoder and len(model.encoder.layers) == 3
+    assert classifier.backbone is model.get_encoder() and len(hsvfast.find_blocks(classifier.backbone)) == 3
     batch = random_batches(num_batches=1, batch_size=16, max_len=10)[0]
     calls = []
     model.decoder.register_forward_hook(lambda *a: calls.append(1))
@@ -346,3 +349,27 @@ def test_a_plan_is_carried_out_on_a_model_of_parallel_layer_lists():
     assert hsvfast.plan(scored(fresh), num_tuned=1, model=fresh).trainable_parameters == layer_2
     with pytest.raises(ValueError, match="parallel lists, not blocks.*method='finetune'"):
         hsvfast.apply(fresh, hsvfast.plan(scored(fresh), num_tuned=1), num_labels=3, method="adapter")
+
+
+def test_lora_targets_the_linear_layers_of_every_tuned_layer_type_and_the_classifier_keeps_no_cache():
+    pytest.importorskip("peft")
+    model = SWEEP["qwen3-next"]()
+    report = scored(model)
+    report.metrics["variability"] = [4.0, 3.0, 2.0, 1.0]  # head at layer 3, the full-attention layer
+    classifier = hsvfast.apply(model, hsvfast.plan(report, num_tuned=2), num_labels=3, method="lora",
+                               pooling="mean_all")
+    adapted = {name.split(".lora_A.")[0] for name, _ in classifier.named_parameters() if ".lora_A." in name}
+    assert any(n.endswith("layers.3.self_attn.q_proj") for n in adapted)  # block 0 has no q_proj (was missed)
+    assert any(n.endswith("layers.2.linear_attn.in_proj_qkvz") for n in adapted)
+    assert not any(".layers.1." in n or ".layers.0." in n or "expert" in n for n in adapted)
+    batch = random_batches(num_batches=1, batch_size=16, max_len=10)[0]
+    out = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()  # with a KV cache, a model cut to linear-attention layers fails in transformers
+
+
+def test_a_hybrid_cut_to_linear_attention_layers_trains_a_classifier():
+    model = SWEEP["olmo-hybrid"]()  # layers 0-2 linear attention: no layer left makes a KV cache
+    classifier = hsvfast.apply(model, hsvfast.plan(scored(model), num_tuned=1), num_labels=3, pooling="mean_all")
+    batch = random_batches(num_batches=1, batch_size=16, max_len=10)[0]
+    out = classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    out.loss.backward()
