@@ -7,7 +7,7 @@ for decoders the last block's output is taken before the final norm).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,13 +19,16 @@ class StopForward(Exception):
     """Raised by the hook of the deepest scored block: nothing above it is computed."""
 
 
+def depth_attribute(config: Any) -> Optional[str]:
+    """The name under which a config keeps its depth (``num_hidden_layers``, ``n_layer`` …), or None."""
+    return next((name for name in _DEPTH_ATTRIBUTES
+                 if isinstance(getattr(config, name, None), int) and getattr(config, name) > 0), None)
+
+
 def configured_depth(model: nn.Module) -> Optional[int]:
     config = getattr(model, "config", None)
-    for name in _DEPTH_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    attribute = depth_attribute(config)
+    return None if attribute is None else getattr(config, attribute)
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -41,7 +44,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     transformers (tests/test_architectures.py lists those checked) and their task-head variants.
     """
     depth = configured_depth(model)
-    root = _encoder_of(model)
+    root = encoder_of(model)
     candidates = []
     for order, (name, module) in enumerate(root.named_modules()):
         if isinstance(module, nn.ModuleList) and len(module) > 0:
@@ -61,8 +64,8 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     return best[4]
 
 
-def _encoder_of(model: nn.Module) -> nn.Module:
-    """The encoder of an encoder-decoder model; the model itself otherwise."""
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder of an encoder-decoder model (whose layers hsvfast scores); the model itself otherwise."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         encoder = model.get_encoder()
         if isinstance(encoder, nn.Module):
@@ -105,6 +108,12 @@ def layer_parts(model: nn.Module, blocks: Optional[nn.ModuleList] = None) -> Lis
     if len(lists) == 1:
         return [[module] for module in layer_modules(model, blocks)]
     return [[parts[k] for parts in lists] for k in range(len(blocks))]
+
+
+def modules_of_layers(parts: List[List[nn.Module]], layers: Sequence[int]) -> List[nn.Module]:
+    """The distinct modules that make up ``layers`` (``parts`` from :func:`layer_parts`): a group that
+    ALBERT's layers share counts once."""
+    return list({id(m): m for k in layers for m in parts[k]}.values())
 
 
 def shares_weights(modules: Sequence[nn.Module]) -> bool:
@@ -158,6 +167,20 @@ def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int
     return sorted(resolved)
 
 
+# Architectures whose blocks keep hidden states as (tokens, sequences, hidden) (XLNet; FSMT, fairseq's layout).
+# Any other such model fails the shape check in the hooks on its first batch with sequences != tokens.
+_TOKENS_FIRST = ("xlnet", "fsmt")
+# Architectures that pad the sequence on the right inside the model (to a multiple of their attention window
+# or block size), so their blocks see the input's tokens followed by padding.
+_PADS_RIGHT = ("longformer", "led", "pegasus_x")
+
+
+def output_layout(model: nn.Module) -> Tuple[bool, bool]:
+    """(tokens first, padded on the right inside the model) for the block outputs of ``model``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in _TOKENS_FIRST, model_type in _PADS_RIGHT
+
+
 def block_hidden_states(output: Any) -> torch.Tensor:
     """The hidden-state tensor in a block's output (a tensor, or the first item of a tuple)."""
     if isinstance(output, torch.Tensor):
@@ -191,8 +214,9 @@ def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
     parent, name = parent_of(model, current)
     old_depth = configured_depth(model)
     if len(blocks) < len(current):
+        parallel = parallel_lists(model, current)
         for sibling, module in list(parent.named_children()):
-            if module is not current and any(module is p for p in parallel_lists(model, current)):
+            if module is not current and any(module is p for p in parallel):
                 setattr(parent, sibling, nn.ModuleList(list(module)[: len(blocks)]))
     for attribute in _DEPTH_ATTRIBUTES:
         if getattr(parent, attribute, None) == len(current) and not isinstance(getattr(parent, attribute), bool):
@@ -201,10 +225,9 @@ def set_depth(model: nn.Module, blocks: nn.ModuleList) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
-    for attribute in _DEPTH_ATTRIBUTES:
-        if isinstance(getattr(config, attribute, None), int):
-            setattr(config, attribute, len(blocks))
-            break
+    attribute = depth_attribute(config)
+    if attribute is not None:
+        setattr(config, attribute, len(blocks))
     for attribute, value in list(vars(config).items()):
         if isinstance(value, list) and old_depth is not None and len(value) == old_depth:
             setattr(config, attribute, value[: len(blocks)])

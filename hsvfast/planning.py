@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from .layers import layer_parts
+from .layers import layer_parts, modules_of_layers
 from .report import Report
 
 RULES = ("argmin", "earliest")
@@ -101,8 +101,7 @@ def plan(
     tuned = list(range(head - num_tuned + 1, head + 1))
     trainable = None
     if model is not None:
-        parts = layer_parts(model)  # ALBERT's layers share groups: count each group once
-        trainable = sum(p.numel() for m in {id(m): m for k in tuned for m in parts[k]}.values() for p in m.parameters())
+        trainable = sum(p.numel() for m in modules_of_layers(layer_parts(model), tuned) for p in m.parameters())
     return Plan(
         head_layer=head,
         tuned_layers=tuned,

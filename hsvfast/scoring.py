@@ -15,8 +15,8 @@ from torch import nn
 from . import _kernels
 from .batching import BucketedBatches
 from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
-from .layers import (StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, resolve_layers,
-                     without_cache)
+from .layers import (StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, output_layout,
+                     resolve_layers, without_cache)
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
 from .pooling import special_token_ids
 from .prefetch import LABEL_KEYS, prepared_batches, read_ahead
@@ -172,8 +172,7 @@ def score(
     # A module's n-th call in a forward makes the layer at its n-th place in `modules` (ALBERT's shared
     # groups run several layers; every other model's blocks run once each). One call counter per hooked
     # module, reset before each forward.
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    tokens_first, pads_right = model_type in _TOKENS_FIRST, model_type in _PADS_RIGHT
+    tokens_first, pads_right = output_layout(model)
     calls: List[int] = []
 
     def make_hook(slot: int, expected: int, scored: Dict[int, Tuple[int, int]]):
@@ -433,14 +432,6 @@ class _Checkpointer:
         extra = {"fingerprint": self.fingerprint, "batches_done": self.batches_done,
                  "digest": self.digest.hexdigest()}
         save_statistics(self.stats, self.path, extra)
-
-
-# Architectures whose blocks keep hidden states as (tokens, sequences, hidden) (XLNet; FSMT, fairseq's layout).
-# Any other such model fails the shape check in the hooks on its first batch with sequences != tokens.
-_TOKENS_FIRST = ("xlnet", "fsmt")
-# Architectures that pad the sequence on the right inside the model (to a multiple of their attention window
-# or block size), so their blocks see the input's tokens followed by padding.
-_PADS_RIGHT = ("longformer", "led", "pegasus_x")
 
 
 def json_roundtrip(value: Any) -> Any:

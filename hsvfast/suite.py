@@ -169,8 +169,8 @@ def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[s
                     cells.append(f"{nu[layer]:.4g}{' ◀' if layer == report.best_layer else ''}")
                 else:
                     cells.append("")
-            small = " †" if report.sample_note else ""
-            markdown.append(f"| {task}{small} | " + " | ".join(cells) + f" | {report.best_layer} |")
+            mark = " †" if report.sample_note else ""
+            markdown.append(f"| {task}{mark} | " + " | ".join(cells) + f" | {report.best_layer} |")
         small = [f"{task} ({min(r.class_counts.values()):,} < d = {r.hidden_size})" for task in tasks
                  for r in [reports.get((model, task))] if r is not None and r.sample_note]
         if small:

@@ -10,8 +10,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import (configured_depth, find_blocks, hidden_size_of, layer_modules, layer_parts, parallel_lists,
-                     parent_of, set_depth, shares_weights)
+from .layers import (depth_attribute, find_blocks, hidden_size_of, layer_modules, layer_parts, modules_of_layers,
+                     parallel_lists, parent_of, set_depth, shares_weights)
 
 ADAPTER_KINDS = ("sequential", "lora")
 ADAPTER_INITS = ("bert", "zero")
@@ -42,9 +42,8 @@ def _truncate_shared(model: nn.Module, blocks: nn.ModuleList, modules: List[nn.M
     """ALBERT: run head_layer + 1 layers through the same groups (the group of each layer follows from
     the depth, so check that every kept layer keeps its group)."""
     config = model.config
-    depth = configured_depth(model)
-    attribute = next(name for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-                     if getattr(config, name, None) == depth)
+    attribute = depth_attribute(config)
+    depth = getattr(config, attribute)
     setattr(config, attribute, head_layer + 1)
     if any(a is not b for a, b in zip(layer_modules(model, blocks), modules)):
         setattr(config, attribute, depth)
@@ -89,11 +88,11 @@ def freeze(model: nn.Module, tuned_layers: Sequence[int], train_norms: bool = Tr
     ``train_blocks=False`` keeps even the tuned blocks frozen (adapter tuning), so that only their
     norm layers (``train_norms``) and any hsvfast adapters train. Adapters are always trainable.
     """
-    modules = layer_modules(model)
+    blocks = find_blocks(model)
+    modules = layer_modules(model, blocks)
     tuned_layers = _check_layers(tuned_layers, len(modules), "freeze")
     _modules_of(modules, tuned_layers, "freeze")  # refuses layers that share weights with untuned ones
-    parts = layer_parts(model)
-    tuned = {id(part): part for k in tuned_layers for part in parts[k]}.values()
+    tuned = modules_of_layers(layer_parts(model, blocks), tuned_layers)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for block in tuned:
@@ -179,7 +178,7 @@ def adapter_sites(block: nn.Module, hidden_size: int) -> Tuple[str, str]:
         else:
             ffn = name
     experts = [name.rsplit(".", 1)[0] for name, _ in block.named_modules()
-               if "." in name and "expert" in name.rsplit(".", 1)[-1].lower() and not _is_attention(name)]
+               if "." in name and _is_expert(name.rsplit(".", 1)[-1]) and not _is_attention(name)]
     if experts:
         ffn = ".".join(_common_prefix([name.split(".") for name in experts])) or None
     if attention is None or ffn is None:
@@ -192,6 +191,11 @@ def adapter_sites(block: nn.Module, hidden_size: int) -> Tuple[str, str]:
 
 def _is_attention(name: str) -> bool:
     return any(part in name.lower() for part in ("attn", "attention"))
+
+
+def _is_expert(name: str) -> bool:
+    """A module path through a mixture of experts' experts (``experts``, ``shared_expert`` …)."""
+    return any("expert" in part.lower() for part in name.split("."))
 
 
 def _common_prefix(paths: List[List[str]]) -> List[str]:
@@ -249,6 +253,6 @@ def _add_lora(model: nn.Module, blocks: nn.ModuleList, layers: List[int], **opti
     # the fused expert weights (its transformers-4 compatibility mapping) and fails on them.
     adapted = {id(m) for k in layers for m in blocks[k].modules()}
     targets = sorted(name for name, m in model.named_modules() if id(m) in adapted and _linear_shape(m)
-                     and not any("expert" in part.lower() for part in name.split(".")))
+                     and not _is_expert(name))
     config = LoraConfig(target_modules=targets, **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
     return get_peft_model(model, config)

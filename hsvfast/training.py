@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .classifier import Classifier
+from .layers import encoder_of
 from .planning import Plan
 from .surgery import add_adapters, freeze, truncate
 
@@ -35,8 +36,7 @@ def apply(model: nn.Module, plan: Plan, num_labels: int, method: str = "finetune
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        model = model.get_encoder()
+    model = encoder_of(model)
     truncate(model, plan.head_layer)
     if method == "finetune":
         freeze(model, plan.tuned_layers, train_norms=train_norms)
