@@ -250,7 +250,8 @@ def test_albert_plan_counts_a_shared_group_once_and_refuses_tuning_part_of_it():
 
 @pytest.mark.parametrize("method", ["finetune", "adapter", "lora"])
 def test_albert_plan_tuning_every_kept_layer_trains(method):
-    pytest.importorskip("peft") if method == "lora" else None
+    if method == "lora":
+        pytest.importorskip("peft")
     model = albert(groups=1)
     classifier = hsvfast.apply(model, hsvfast.plan(scored(model), num_tuned=3), num_labels=3, method=method,
                                pooling="mean_all")
