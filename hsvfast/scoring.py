@@ -301,8 +301,8 @@ def score(
                         eager()
                     else:
                         graphs.run(inputs, weights, plan, eager)
-                except torch.OutOfMemoryError as error:
-                    raise torch.OutOfMemoryError(
+                except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5 on (one class)
+                    raise type(error)(
                         f"out of memory on {device} in batch {batch_index} ({batch['input_ids'].shape[0]} sequences "
                         f"of {batch['input_ids'].shape[1]} tokens): use a smaller batch size or max_length. {error}"
                     ) from error

@@ -272,14 +272,18 @@ def test_out_of_memory_message_suggests_a_smaller_batch(monkeypatch):
     model = tiny_model("bert")
 
     def explode(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(model, "forward", explode)
-    with pytest.raises(torch.OutOfMemoryError, match="smaller batch size"):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="smaller batch size"):
         hsvfast.score(model, random_batches(num_batches=1))
 
 
 def test_float16_overflow_is_named():
+    try:
+        torch.nn.functional.layer_norm(torch.ones(2, 4, dtype=torch.float16), (4,))
+    except RuntimeError as error:  # torch before ~2.2 has no float16 LayerNorm on the CPU
+        pytest.skip(f"torch {torch.__version__} cannot run a float16 BERT on the CPU: {error}")
     model = tiny_model("bert")
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight.mul_(1e7)  # outputs past float16 max (65504)
