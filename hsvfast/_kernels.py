@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from ._reference import pool_fold_torch
 
-try:  # the compiled core is optional: without it everything runs on the reference
-    from . import _C
-except ImportError:  # pragma: no cover - exercised only on broken installs
-    _C = None
-
 #: Set HSVFAST_BACKEND=torch to force the pure-PyTorch path (debugging, comparisons).
 _FORCE_TORCH = os.environ.get("HSVFAST_BACKEND", "").lower() == "torch"
+
+try:  # the compiled core is optional: without it everything runs on the reference, which is much slower
+    from . import _C
+except ImportError as error:
+    _C = None
+    if not _FORCE_TORCH:  # say why, instead of just running slower
+        missing = error.name in (__package__, f"{__package__}._C")  # no such module, as opposed to one that fails
+        reason = ("is not built (is hsvfast imported from its source folder?)" if missing
+                  else f"does not load ({error})")
+        warnings.warn(f"hsvfast's compiled core {reason}: scoring falls back to the much slower PyTorch reference. "
+                      "Build it for this Python with pip install <hsvfast's source folder>; set HSVFAST_BACKEND=torch "
+                      "to use the reference without this warning.", RuntimeWarning, stacklevel=2)
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 

@@ -1,4 +1,6 @@
 """The compiled pool-and-fold kernels (CPU and CUDA) against the PyTorch reference."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -343,3 +345,52 @@ def test_rejects_unsupported_input():
     if _kernels.backend("cpu") == "cpp":
         with pytest.raises(ValueError, match="weights must be a contiguous torch.float32"):
             _kernels.pool_fold(torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.float64), out)
+
+
+class _CoreFinder:
+    """An import finder for ``hsvfast._C`` alone: a module that fails to load (a build for another Python), or
+    none at all (a source folder that was never built)."""
+
+    def __init__(self, missing: bool) -> None:
+        self.missing = missing
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+
+        if name != "hsvfast._C":
+            return None
+        if self.missing:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ImportError("_C.cpython-311-x86_64-linux-gnu.so: undefined symbol: PyFoo")
+
+
+@pytest.mark.parametrize("missing, reason", [(False, r"does not load \(.*undefined symbol: PyFoo\)"),
+                                             (True, r"is not built \(is hsvfast imported from its source folder\?\)")])
+def test_a_compiled_core_that_is_missing_or_does_not_load_is_reported_not_silently_replaced(missing, reason,
+                                                                                             monkeypatch):
+    import importlib
+    import sys
+
+    before = _kernels.backend("cpu")
+    monkeypatch.delitem(sys.modules, "hsvfast._C", raising=False)
+    monkeypatch.delattr(hsvfast, "_C", raising=False)  # else `from . import _C` takes the package's attribute
+    monkeypatch.setattr(sys, "meta_path", [_CoreFinder(missing), *sys.meta_path])
+    monkeypatch.delenv("HSVFAST_BACKEND", raising=False)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"compiled core {reason}: scoring falls back to the much slower"):
+            importlib.reload(_kernels)
+        assert _kernels.backend("cpu") == "torch"
+        monkeypatch.setenv("HSVFAST_BACKEND", "torch")  # asked for the reference: nothing to warn about
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            importlib.reload(_kernels)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_kernels)
+    assert _kernels.backend("cpu") == before
