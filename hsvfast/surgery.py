@@ -12,6 +12,7 @@ from torch import nn
 
 from .layers import (depth_attribute, find_blocks, hidden_size_of, layer_modules, layer_parts, modules_of_layers,
                      parallel_lists, parent_of, set_depth, shares_weights)
+from .optional import require
 
 ADAPTER_KINDS = ("sequential", "lora")
 ADAPTER_INITS = ("bert", "zero")
@@ -244,15 +245,12 @@ def add_adapters(model: nn.Module, layers: Sequence[int], bottleneck: int = 256,
 
 
 def _add_lora(model: nn.Module, blocks: nn.ModuleList, layers: List[int], **options) -> nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise ImportError("kind='lora' needs PEFT: pip install peft (or hsvfast[lora])") from error
+    peft = require("peft", "kind='lora'", "lora")
     # Every linear layer of the adapted blocks, by its full name (a hybrid's attention and linear-attention
     # layers name theirs apart), except in mixtures of experts: PEFT reads names like "down_proj" there as
     # the fused expert weights (its transformers-4 compatibility mapping) and fails on them.
     adapted = {id(m) for k in layers for m in blocks[k].modules()}
     targets = sorted(name for name, m in model.named_modules() if id(m) in adapted and _linear_shape(m)
                      and not _is_expert(name))
-    config = LoraConfig(target_modules=targets, **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
-    return get_peft_model(model, config)
+    config = peft.LoraConfig(target_modules=targets, **{"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, **options})
+    return peft.get_peft_model(model, config)

