@@ -1,6 +1,8 @@
 """The command line end to end: exit codes, JSON schema, plots, file quirks, suites."""
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,7 @@ def tsv(path, rows=SENTENCES, header="sentence\tlabel", newline="\n", encoding="
 # `python -m` puts the working folder first on sys.path: run from the repository root, the CLI would import the
 # source folder (no compiled core) instead of the installed package. The subprocesses run from an empty folder.
 AWAY_FROM_THE_SOURCE = tempfile.mkdtemp(prefix="hsvfast-cli-")
+atexit.register(shutil.rmtree, AWAY_FROM_THE_SOURCE, True)
 
 
 def run_cli(*args, timeout=180):
