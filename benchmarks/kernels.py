@@ -97,12 +97,9 @@ def main() -> None:
     backend = _kernels.backend(args.device)
     print(f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} backend={backend} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}\n")
-    # On CUDA the experimental kernel variant 1 (hsvfast._kernels.cuda_kernel_variant) is timed too.
-    variants = args.device == "cuda" and backend == "cuda"
     print("| B×T×d | dtype | kernel ms | kernel GB/s | copy GB/s (read+write) | kernel/copy | "
-          "copy read GB/s | kernel/copy read | one eager launch ms |"
-          + (" variant 1 ms | variant 1 / default |" if variants else ""))
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if variants else ""))
+          "copy read GB/s | kernel/copy read | one eager launch ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     runs = [(case, dtype, False) for case in cases for dtype in dtypes]
     if not args.small:
@@ -122,17 +119,12 @@ def main() -> None:
         kernel_seconds = time_it(kernels, args.device, args.repeats)
         copy_seconds = time_it(copy_fns, args.device, args.repeats)
         eager = time_it(kernels, args.device, args.repeats, graphed=False)
-        extra = ""
-        if variants:  # captured inside the switch: the graph replays variant 1's launches
-            with _kernels.cuda_kernel_variant(1):
-                variant = time_it(kernels, args.device, args.repeats)
-            extra = f" {variant * 1e3:.3f} | {variant / kernel_seconds:.2f} |"
         attended = act.element_size() * batch * (tokens * 3 // 4) * dim
         kernel_bw = attended / kernel_seconds / 1e9
         copy_bw = 2 * act.numel() * act.element_size() / copy_seconds / 1e9
         print(f"| {batch}×{tokens}×{dim}{' view' if misaligned else ''} | {str(dtype).replace('torch.', '')} | {kernel_seconds * 1e3:.3f} | "
               f"{kernel_bw:.1f} | {copy_bw:.1f} | {kernel_bw / copy_bw:.2f} | {copy_bw / 2:.1f} | "
-              f"{2 * kernel_bw / copy_bw:.2f} | {eager * 1e3:.3f} |{extra}")
+              f"{2 * kernel_bw / copy_bw:.2f} | {eager * 1e3:.3f} |")
     if args.device == "cuda":
         torch.cuda.synchronize()
     assert int(state["nonfinite"].item()) == _kernels.NO_BAD_BATCH

@@ -123,9 +123,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>(),
       "Pool and fold one batch on a CUDA stream (asynchronous; see csrc/pool_fold.h).");
-  m.def("set_cuda_kernel_variant", &hsvfast::set_cuda_kernel_variant, py::arg("variant"),
-        "Experimental: which CUDA kernel variant later launches use (0: the default; see csrc/pool_fold.h).");
-  m.def("cuda_kernel_variant", &hsvfast::cuda_kernel_variant, "The CUDA kernel variant launches use now.");
   m.attr("WITH_CUDA") = true;
 #else
   m.attr("WITH_CUDA") = false;

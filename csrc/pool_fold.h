@@ -88,12 +88,6 @@ void pool_fold_layers_cpu(const PoolFoldArgs& common, const LayerPointers* layer
 void pool_fold_cuda(const PoolFoldArgs& args, int device, std::uintptr_t stream);
 void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count, int device,
                            std::uintptr_t stream);
-// Experimental kernel variants, to be timed against the default before one is kept
-// (benchmarks/kernels.py): 0 the default; 1 the 16-byte path takes a warp's token weights 32 at a
-// time in one load and broadcasts them by shuffles. Every variant computes the same bits.
-constexpr int kKernelVariants = 2;
-void set_cuda_kernel_variant(int variant);
-int cuda_kernel_variant();
 #endif
 
 }  // namespace hsvfast

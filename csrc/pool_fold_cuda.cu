@@ -11,12 +11,9 @@
 // warps meet in shared memory, then the block pools, shifts, writes and folds.
 // Accumulation is in float64; class sums and squared norms are folded with float64
 // atomics; a NaN/Inf lowers *nonfinite atomically. Nothing synchronises the host.
-// Experimental variants (set_cuda_kernel_variant) compute the same bits in another way; they are
-// opt-in until benchmarks/kernels.py has timed them on a device.
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -32,9 +29,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;          // tokens per warp per iteration (loads in flight)
 constexpr int kScalarItems = 4;     // dimensions per lane on the generic (strided) path
 constexpr int kMaxLaunchLayers = 48;  // layers per launch: the parameters stay within 4 KiB
-constexpr int kWeightGroup = 32 / kUnroll;  // iterations served by one warp-wide load of weights (variant 1)
-
-std::atomic<int> kernel_variant{0};  // see set_cuda_kernel_variant in pool_fold.h
+constexpr int kWeightGroup = 32 / kUnroll;  // iterations served by one warp-wide load of token weights
 
 struct LayersLaunch {
   PoolFoldArgs common;
@@ -70,10 +65,12 @@ __device__ __forceinline__ int item_dim(int lane, int i) {
 }
 
 // One block's work: sequence blockIdx.y, hidden slice blockIdx.x of the layer `a` describes.
-// kShuffledWeights (variant 1): lane l loads the weight of the warp's token l of each group of 32
-// (one load per kWeightGroup iterations) and the iterations take theirs by shuffle, so a row load
-// waits for one weight load per group instead of one per iteration. Same tokens, same order, same sums.
-template <typename Storage, bool kVector, bool kShuffledWeights>
+// Token weights on the 16-byte path: lane l loads the weight of the warp's token l of each group of 32
+// (one load per kWeightGroup iterations) and the iterations take theirs by shuffle, so the row loads
+// wait for one weight load per group instead of one per iteration (H100, run 6: 1-5 % faster, the
+// same bits). The generic path keeps a load per iteration: shuffles there measured 13 % slower in
+// bf16/fp16 (run 6b, 64x128x1024 views: 0.015 -> 0.017 ms).
+template <typename Storage, bool kVector>
 __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   using Vec = Items<Storage, kVector>;
   constexpr int kItems = Vec::kCount;
@@ -105,12 +102,12 @@ __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   double weight_sum = 0.0;
   // Items this lane owns that lie inside the hidden size (all or none on the fast path).
   const int64_t first = slice + item_dim<kVector, kItems>(lane, 0);
-  float group_weight = 0.0f;  // kShuffledWeights: this lane's token of the current group
-  int group_slot = 0;         // kShuffledWeights: this iteration's place in its group (warp-uniform)
+  float group_weight = 0.0f;  // 16-byte path: this lane's token of the current group of 32
+  int group_slot = 0;         // 16-byte path: this iteration's place in its group (warp-uniform)
   for (int64_t t0 = warp; t0 < a.tokens; t0 += int64_t(kWarps) * kUnroll) {
     Vec v[kUnroll];
     float w[kUnroll];
-    if (kShuffledWeights) {
+    if (kVector) {
       if (group_slot == 0) {  // the next 32 tokens of this warp: t0 + l * kWarps for lane l
         const int64_t t = t0 + int64_t(lane) * kWarps;
         group_weight = t < a.tokens ? weights[t] : 0.0f;
@@ -195,9 +192,9 @@ __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   }
 }
 
-template <typename Storage, bool kVector, bool kShuffledWeights>
+template <typename Storage, bool kVector>
 __global__ void __launch_bounds__(kThreads) pool_fold_kernel(const __grid_constant__ LayersLaunch launch) {
-  pool_fold_block<Storage, kVector, kShuffledWeights>(with_layer(launch.common, launch.layer[blockIdx.z]));
+  pool_fold_block<Storage, kVector>(with_layer(launch.common, launch.layer[blockIdx.z]));
 }
 
 // The 16-byte fast path needs unit stride along the hidden size, whole vectors per
@@ -222,12 +219,10 @@ void launch(const LayersLaunch& args, int64_t count, cudaStream_t stream) {
   const int64_t slice = 32 * (vector ? int64_t(16 / sizeof(Storage)) : kScalarItems);
   const dim3 grid(static_cast<unsigned>((widest + slice - 1) / slice), static_cast<unsigned>(args.common.batch),
                   static_cast<unsigned>(count));
-  if (vector && kernel_variant.load(std::memory_order_relaxed) == 1) {
-    pool_fold_kernel<Storage, true, true><<<grid, kThreads, 0, stream>>>(args);
-  } else if (vector) {
-    pool_fold_kernel<Storage, true, false><<<grid, kThreads, 0, stream>>>(args);
+  if (vector) {
+    pool_fold_kernel<Storage, true><<<grid, kThreads, 0, stream>>>(args);
   } else {
-    pool_fold_kernel<Storage, false, false><<<grid, kThreads, 0, stream>>>(args);
+    pool_fold_kernel<Storage, false><<<grid, kThreads, 0, stream>>>(args);
   }
 }
 
@@ -268,16 +263,6 @@ void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* laye
   if (previous != device) check(cudaSetDevice(previous), "cudaSetDevice");
   check(launched, "pool_fold_kernel launch");
 }
-
-void set_cuda_kernel_variant(int variant) {
-  if (variant < 0 || variant >= kKernelVariants) {
-    throw std::invalid_argument("hsvfast: CUDA kernel variant must be 0 (the default) or 1, got " +
-                                std::to_string(variant));
-  }
-  kernel_variant.store(variant, std::memory_order_relaxed);
-}
-
-int cuda_kernel_variant() { return kernel_variant.load(std::memory_order_relaxed); }
 
 void pool_fold_cuda(const PoolFoldArgs& a, int device, std::uintptr_t stream_handle) {
   if (a.dim == 0) return;

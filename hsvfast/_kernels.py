@@ -5,10 +5,9 @@ the current CUDA stream: no libtorch at build time, no copy of the activations.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -59,21 +58,6 @@ def _backend_for(is_cpu: bool, is_cuda: bool) -> str:
 def compiled_with_cuda() -> bool:
     """True when the compiled core contains the CUDA kernels."""
     return _C is not None and bool(_C.WITH_CUDA)
-
-
-@contextlib.contextmanager
-def cuda_kernel_variant(variant: int) -> Iterator[None]:
-    """CUDA launches inside the block use experimental kernel ``variant`` (0: the default; 1: token
-    weights loaded 32 at a time per warp and shared by shuffles). For ``benchmarks/kernels.py`` and
-    the tests, which check that a variant gives the default's bits before it is timed."""
-    if not compiled_with_cuda():
-        raise RuntimeError("this build of hsvfast has no CUDA kernels (build with HSVFAST_CUDA=ON)")
-    previous = _C.cuda_kernel_variant()
-    _C.set_cuda_kernel_variant(variant)
-    try:
-        yield
-    finally:
-        _C.set_cuda_kernel_variant(previous)
 
 
 def pool_fold(

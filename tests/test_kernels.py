@@ -276,22 +276,6 @@ def test_cuda_kernel_runs_on_current_stream_without_sync():
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=1e-9)
 
 
-def test_kernel_variant_switch_is_scoped_and_checked():
-    if not _kernels.compiled_with_cuda():
-        with pytest.raises(RuntimeError, match="no CUDA kernels"):
-            with _kernels.cuda_kernel_variant(1):
-                pass
-        return
-    assert _kernels._C.cuda_kernel_variant() == 0
-    with _kernels.cuda_kernel_variant(1):
-        assert _kernels._C.cuda_kernel_variant() == 1
-    assert _kernels._C.cuda_kernel_variant() == 0
-    with pytest.raises(ValueError, match="variant must be 0"):
-        with _kernels.cuda_kernel_variant(2):
-            pass
-    assert _kernels._C.cuda_kernel_variant() == 0
-
-
 def _pool_fold_kernels_launched(fn):
     """Names of the pool-and-fold CUDA kernels ``fn`` launched (from the profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -305,34 +289,39 @@ def _pool_fold_kernels_launched(fn):
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 7, 33, 257, 777])  # 777: groups of 32 tokens per warp, the last partial
-def test_kernel_variants_give_the_default_bits(dtype, tokens):
-    """Variant 1 (each warp's token weights loaded 32 at a time, shared by shuffles) pools the same
-    tokens in the same order: the pooled rows equal the default kernel's to the bit, class sums and
-    squared norms up to the order of their float64 atomics. Also over a stack of layers of both
-    code paths (the generic one keeps the default loop)."""
+def test_both_cuda_paths_pool_every_token_count_like_the_reference(dtype, tokens):
+    """Each warp loads its next 32 token weights at once and hands them out by shuffles: token counts
+    around those groups, on the 16-byte path and on the generic path (the same values one element
+    off 16-byte alignment), against the PyTorch reference; then against each other — they add the same
+    tokens in the same order, so the pooled rows agree to the bit (class sums and squared norms up to
+    the order of their float64 atomics). Also a stack of layers of both paths in one launch."""
     act, case = make_case("cuda", dtype, batch=9, tokens=tokens, dim=264)  # 264: 16-byte loads in every dtype
-    default = run(act, case, "cuda")
-    with _kernels.cuda_kernel_variant(1):
-        variant = run(act, case, "cuda")
-        launched = _pool_fold_kernels_launched(lambda: run(act, case, "cuda"))
-    assert launched and all("true,true>" in name.replace(" ", "") for name in launched), launched  # <T, 16 B, variant>
-    assert torch.equal(variant[0], default[0])
-    for got, expected in zip(variant[1:3], default[1:3]):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * float(expected.abs().max()))
-    assert variant[3] == default[3] == _kernels.NO_BAD_BATCH
+    misaligned = torch.empty(act.numel() + 1, dtype=dtype, device="cuda")[1:].view(act.shape)
+    misaligned.copy_(act)
+    expected = run(act, case, "torch")
+    paths = {}
+    for path, values, template_end in (("16-byte", act, ",true>"), ("generic", misaligned, ",false>")):
+        paths[path] = run(values, case, "cuda")
+        for got, want in zip(paths[path][:3], expected[:3]):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9, msg=lambda m: f"{path} path: {m}")
+        assert paths[path][3] == _kernels.NO_BAD_BATCH
+        launched = _pool_fold_kernels_launched(lambda: run(values, case, "cuda"))  # <Storage, 16-byte loads>
+        assert launched and all(template_end in name.replace(" ", "") for name in launched), (path, launched)
 
-    stacks = {}
-    for variant_id in (0, 1):
-        layers, weights, labels, out_rows = _layer_stack("cuda", dtype, 7, tokens=tokens)
-        with _kernels.cuda_kernel_variant(variant_id):
-            _fold_layer_stack(layers, weights, labels, out_rows)
-        stacks[variant_id] = layers
-    for mine, theirs in zip(stacks[1], stacks[0]):
-        assert torch.equal(mine["out"].nan_to_num(7.0), theirs["out"].nan_to_num(7.0))
-        for name in ("sums", "sqnorms"):
-            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-12,
-                                       atol=1e-12 * float(theirs[name].abs().max()))
+    layers, weights, labels, out_rows = _layer_stack("cuda", dtype, 7, tokens=tokens)
+    reference = [{k: v.clone() for k, v in layer.items()} for layer in layers]
+    _fold_layer_stack(layers, weights, labels, out_rows, use="cuda")
+    _fold_layer_stack(reference, weights, labels, out_rows, use="torch")
+    for i, (mine, theirs) in enumerate(zip(layers, reference)):
+        for name in ("out", "sums", "sqnorms"):
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-12, atol=1e-9, equal_nan=True,
+                                       msg=lambda m: f"layer {i} {name}: {m}")
         assert torch.equal(mine["nonfinite"], theirs["nonfinite"])
+
+    fast, generic = paths["16-byte"], paths["generic"]
+    assert torch.equal(fast[0], generic[0])
+    for got, want in zip(fast[1:3], generic[1:3]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
 
 
 def test_rejects_unsupported_input():
