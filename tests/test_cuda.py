@@ -220,39 +220,10 @@ def _run_on(device):
     return hook
 
 
-class _Stop(Exception):
-    pass
-
-
-def _block_outputs(model, blocks, batches):
-    """Each block's output for every batch, on the host, from the model's own forward (stopped after
-    the last block: the layers above may sit on another device than its output)."""
-    captured = [[] for _ in blocks]
-
-    def keep(k):
-        def hook(module, args, output):
-            captured[k].append((output[0] if isinstance(output, tuple) else output).detach().cpu())
-            if k == len(blocks) - 1:
-                raise _Stop
-        return hook
-
-    handles = [block.register_forward_hook(keep(k)) for k, block in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(input_ids=batch["input_ids"].cuda(), attention_mask=batch["attention_mask"].cuda())
-                except _Stop:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_a_model_split_over_devices_is_scored_like_the_whole_model(kind):
     import reference as ref
+    from test_score import all_labels, capture_block_outputs, reference_features
 
     model = tiny_model(kind).double().cuda()
     batches = random_batches()
@@ -264,11 +235,9 @@ def test_a_model_split_over_devices_is_scored_like_the_whole_model(kind):
     split = hsvfast.score(model, batches)
     assert split.backend == "cuda" and next(blocks[3].parameters()).device.type == "cpu"
     # Against the split model's own block outputs, pooled and scored in float64 by the reference.
-    labels = np.concatenate([b["labels"].numpy() for b in batches])
-    for k, outputs in enumerate(_block_outputs(model, blocks, batches)):
-        features = np.concatenate([
-            ref.pool(h.numpy(), b["input_ids"].numpy(), b["attention_mask"].numpy(), b["special_tokens_mask"].numpy(),
-                     split.pooling) for h, b in zip(outputs, batches)])
+    labels = all_labels(batches)
+    for k, outputs in enumerate(capture_block_outputs(model, batches)):
+        features = reference_features(outputs, batches, split.pooling)
         assert ref.relative_error(split.metrics["variability"][k], ref.rank_aware_variability(features, labels)) < 1e-9
         assert ref.relative_error(split.metrics["trace_ratio"][k], ref.trace_ratio(features, labels)) < 1e-9
     # Against the whole model on the GPU: Llama's RMSNorm computes in float32 even in a float64 model, and

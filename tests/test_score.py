@@ -14,19 +14,33 @@ from tiny_models import DECODERS, DEPTH, ENCODERS, random_batches, tiny_model
 # ------------------------------------------------------------------------------------------ helpers
 
 
+class _AfterTheLastBlock(Exception):
+    pass
+
+
 def capture_block_outputs(model, batches):
-    """Every block's output for every batch, captured by our own hooks on a full forward."""
+    """Every block's output for every batch, on the host, captured by our own hooks on the model's forward
+    (stopped after the last block: the layers above may sit on another device than its output)."""
     blocks = hsvfast.find_blocks(model)
+    device = next(model.parameters()).device
     captured = [[] for _ in blocks]
-    handles = [
-        block.register_forward_hook(lambda m, a, out, k=k: captured[k].append(
-            (out[0] if isinstance(out, tuple) else out).detach().clone()))
-        for k, block in enumerate(blocks)
-    ]
+
+    def keep(k):
+        def hook(module, args, output):
+            captured[k].append((output[0] if isinstance(output, tuple) else output).detach().to("cpu", copy=True))
+            if k == len(blocks) - 1:
+                raise _AfterTheLastBlock
+        return hook
+
+    handles = [block.register_forward_hook(keep(k)) for k, block in enumerate(blocks)]
     try:
         with torch.no_grad():
             for batch in batches:
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+                try:
+                    model(**{k: v.to(device) for k, v in batch.items()
+                             if k in ("input_ids", "attention_mask", "token_type_ids")})
+                except _AfterTheLastBlock:
+                    pass
     finally:
         for h in handles:
             h.remove()
