@@ -478,10 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", help="checkpoint file: written every --checkpoint-every batches, "
                        "resumed from when it exists")
     score.add_argument("--checkpoint-every", type=_positive_int, default=1000)
-    score.add_argument("--cuda-graphs", nargs="?", const="on", default="off", choices=("on", "off", "auto"),
-                       help="replay each batch shape's forward from a CUDA graph (CUDA only; for short sequences "
-                            "on a large GPU, where launching kernels is the bottleneck). 'auto': only where a few "
-                            "timed batches show the forward is bound by the host")
+    score.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=("on", "off", "auto"),
+                       help="replay each batch shape's forward from a CUDA graph (for short sequences on a large GPU, "
+                            "where launching kernels is the bottleneck). 'auto' (default): on CUDA, only where a few "
+                            "timed batches show the forward is bound by the host; 'on' (or the flag alone): always, "
+                            "CUDA only; 'off': never")
     score.set_defaults(run=run_score)
 
     merge = commands.add_parser("merge", help="sum statistics files of parts of one corpus")

@@ -21,7 +21,11 @@ A graph replays fixed shapes and fixed addresses, so:
   the eager warm-up that precedes it (CUDA's recommended warm-up, on the capture stream).
 
 A graph that cannot be captured (a model that synchronises with the host inside its forward)
-switches graphs off for the rest of the call, with a warning; scoring continues eagerly.
+switches graphs off for the rest of the call (with a warning where graphs were asked for); scoring
+continues eagerly. A graph also reads the model's own tensors where they were at capture: a model
+whose forward replaces one (a rotary cache kept per sequence length, as some speech models do) gets
+its graphs captured again after an eager forward moved it, and graphs switch off when that keeps
+happening (``watch``).
 
 ``cuda_graphs="auto"`` first times a few eager batches (:class:`HostBoundProbe`) and uses graphs
 only when the forward is bound by the host: when the device is the bottleneck, graphs save nothing
@@ -43,6 +47,31 @@ from .statistics import BatchPlan, Statistics
 DEFAULT_MULTIPLE = 8
 #: Graphs kept per call at most; batches of further shapes run eagerly.
 MAX_GRAPHS = 128
+#: Captures the model's moved tensors may cause before graphs switch off (each costs an eager batch and a capture).
+MAX_MODEL_MOVES = 4
+
+
+def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
+    """A function that returns where ``model``'s movable tensors now are (address and shape of every
+    registered buffer and public tensor attribute of its modules): a graph reads them where they were at
+    its capture. Parameters are left out (a forward does not replace its weights; reading ~400 of them
+    would cost more than the rest). Only Python code moves these tensors, so :class:`ForwardGraphs`
+    reads this only after an eager forward (a replay runs none): ~40 µs for BERT-large."""
+    modules = list(model.modules())
+    attributes: Optional[list] = None  # (module __dict__, name) of attributes holding a tensor or None
+
+    def addresses() -> tuple:
+        nonlocal attributes
+        if attributes is None:  # chosen at the first read, after eager forwards set any lazy caches
+            attributes = [(module.__dict__, name) for module in modules for name, value in module.__dict__.items()
+                          if not name.startswith("_") and (value is None or isinstance(value, torch.Tensor))]
+        found = [(t.data_ptr(), t.shape) for module in modules for t in module._buffers.values() if t is not None]
+        for holder, name in attributes:
+            value = holder.get(name)
+            if isinstance(value, torch.Tensor):
+                found.append((value.data_ptr(), value.shape))
+        return tuple(found)
+    return addresses
 
 
 def graphs_supported(device: torch.device) -> bool:
@@ -116,7 +145,8 @@ class _Entry:
                  plan: BatchPlan) -> None:
         self.inputs, self.weights, self.packed, self.plan = inputs, weights, packed, plan
         self.graph = None
-        self.addresses: Optional[tuple] = None
+        self.addresses: Optional[tuple] = None  # the statistics' buffers at capture
+        self.model_version = -1  # ForwardGraphs.model_version at capture
         self.filled = weights.shape[1]  # tokens the last batch wrote (the rest is padding already)
 
 
@@ -133,12 +163,22 @@ class ForwardGraphs:
         max_tokens: the longest input the model takes (padding never goes past it); None: no limit.
         multiple: pad the tokens to a multiple of this (1: exact shapes).
         probe: decide first whether graphs pay (``cuda_graphs="auto"``); None: they are used.
+        watch: returns where the model's tensors are (:func:`tensors_of`); a graph is replayed only
+            while they are where they were at its capture. None: the model has none that move.
+        warn: warn when graphs switch off because a capture failed (asked for graphs explicitly);
+            else that is only recorded (``summary()["off"]``).
     """
 
     def __init__(self, stats: Statistics, run_forward: RunForward, device: torch.device,
                  pad_token_id: int = 0, max_tokens: Optional[int] = None, multiple: int = DEFAULT_MULTIPLE,
-                 probe: Optional[HostBoundProbe] = None) -> None:
+                 probe: Optional[HostBoundProbe] = None, watch: Optional[Callable[[], tuple]] = None,
+                 warn: bool = True) -> None:
         self.stats, self.run_forward, self.device, self.probe = stats, run_forward, device, probe
+        self.watch, self.warn = watch or tuple, warn
+        self.model_moves = 0  # captures lost because the model's tensors moved
+        # The model's tensors only move while its Python code runs (eager forwards, warm-ups, captures): they
+        # are read again after such a run, when a replay is next due; the version counts the times they moved.
+        self.model_version, self._model_tensors, self._model_ran = 0, None, True
         self.pad_token_id, self.max_tokens, self.multiple = int(pad_token_id), max_tokens, max(1, int(multiple))
         self.entries: Dict[tuple, _Entry] = {}
         self.sightings: Dict[tuple, int] = collections.Counter()
@@ -213,32 +253,65 @@ class ForwardGraphs:
                 self._eager(eager)  # a shape seen once stays eager (and every batch while the probe times)
                 return
             entry = self.entries[key] = self._new_entry(key, inputs, weights, plan)
-        self._load(entry, inputs, weights, plan)
         addresses = self.stats.buffer_addresses()
         if entry.graph is not None and entry.addresses == addresses:
-            entry.graph.replay()
-            self.counts["replayed"] += 1
-            return
-        # First capture of this shape, or the statistics' buffers moved (new classes, a new staging layout).
-        entry.graph = entry.addresses = None
+            if entry.model_version == self._model_now():
+                self._load(entry, inputs, weights, plan)
+                entry.graph.replay()
+                self.counts["replayed"] += 1
+                return
+            # An eager forward since the capture replaced a tensor of the model: the graph would read the
+            # old, freed one.
+            if self._model_moved():
+                self._eager(eager)
+                return
+        self._load(entry, inputs, weights, plan)
+        # First capture of this shape, or buffers moved (new classes, a new staging layout, the model's).
+        entry.graph, entry.addresses, entry.model_version = None, None, -1
         run = lambda: self.run_forward(entry.inputs, entry.weights, entry.plan)  # noqa: E731
+        self._model_ran = True
         self.warm_up(run)  # scores this batch
         addresses = self.stats.buffer_addresses()  # the warm-up may have laid out buffers (a new batch size)
+        version = self._model_now()
         graph = self.new_graph()
         try:
             self.capture(graph, run)
         except Exception as error:  # noqa: BLE001 - any capture failure means: no graphs for this model
             self.disabled = f"{type(error).__name__}: {error}"
             self.entries.clear()
-            warnings.warn(f"CUDA graphs switched off for this call (the forward could not be captured: "
-                          f"{self.disabled}); scoring continues without them", stacklevel=3)
+            if self.warn:
+                warnings.warn(f"CUDA graphs switched off for this call (the forward could not be captured: "
+                              f"{self.disabled}); scoring continues without them", stacklevel=3)
         else:
-            if self.stats.buffer_addresses() == addresses:  # nothing was laid out anew inside the capture
-                entry.graph, entry.addresses = graph, addresses
+            # Kept only if nothing was laid out anew inside the capture (the statistics' or the model's tensors).
+            self._model_ran = True
+            if self._model_now() != version:
+                self._model_moved()
+            elif self.stats.buffer_addresses() == addresses:
+                entry.graph, entry.addresses, entry.model_version = graph, addresses, version
         self.counts["captured"] += 1
+
+    def _model_now(self) -> int:
+        """The version of the model's tensors: read again (:func:`tensors_of`) if its code ran since."""
+        if self._model_ran:
+            self._model_ran = False
+            tensors = self.watch()
+            if tensors != self._model_tensors:
+                self._model_tensors = tensors
+                self.model_version += 1
+        return self.model_version
+
+    def _model_moved(self) -> bool:
+        """Count a capture lost to the model's moved tensors; True when that switched graphs off."""
+        self.model_moves += 1
+        if self.model_moves > MAX_MODEL_MOVES:
+            self.disabled = "the model replaces its tensors between forwards (every graph would be captured anew)"
+            self.entries.clear()
+        return bool(self.disabled)
 
     def _eager(self, eager: Callable[[], None]) -> None:
         self.counts["eager"] += 1
+        self._model_ran = True
         if self.probe is not None and self.probe.verdict is None:
             self.probe.time(eager)
         else:

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _kernels
 from .batching import BucketedBatches
-from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported
+from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported, tensors_of
 from .layers import (StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, output_layout,
                      resolve_layers, without_cache)
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
@@ -48,7 +48,7 @@ def score(
     checkpoint: "str | os.PathLike | None" = None,
     checkpoint_every: int = 1000,
     metrics: Optional[Sequence[str]] = None,
-    cuda_graphs: "bool | str" = False,
+    cuda_graphs: "bool | str" = "auto",
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
 
@@ -88,10 +88,13 @@ def score(
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch
             shape, tokens padded to a multiple of 8 (see :mod:`hsvfast.graphs`): for forwards bound
-            by the host (short sequences on a large GPU). True: CUDA only; ``"auto"``: only where
-            a few timed eager batches show the forward is bound by the host (anywhere else: off).
-            The model must not synchronise with the host inside its forward (else graphs switch
-            off, with a warning).
+            by the host (short sequences on a large GPU). ``"auto"`` (default): on CUDA, only where a
+            few timed eager batches show the forward is bound by the host; elsewhere (CPU, a model
+            split over devices, no compiled CUDA kernels) off. True: always (CUDA only); False: never.
+            A model that synchronises with the host inside its forward cannot be captured: graphs then
+            switch off (with a warning for True) and scoring goes on eagerly. A graph is captured again
+            when an eager forward moved a tensor the model holds (a parameter, buffer or tensor attribute
+            of a module); a model that keeps tensors elsewhere and replaces them needs False.
         checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
             (atomically: a crash at any instant leaves the last good checkpoint). Called
             again with the same arguments and a deterministic loader, ``score`` resumes
@@ -244,7 +247,8 @@ def score(
                 raise
 
         graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions,
-                               probe=HostBoundProbe(device) if cuda_graphs == "auto" else None)
+                               probe=HostBoundProbe(device) if cuda_graphs == "auto" else None,
+                               watch=tensors_of(model), warn=cuda_graphs is True)
 
     was_training = model.training
     hooked: Dict[int, Tuple[nn.Module, Dict[int, Tuple[int, int]]]] = {}  # module -> {its n-th call: layer}

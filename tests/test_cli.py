@@ -146,6 +146,12 @@ def test_numeric_options_out_of_range_are_refused(tmp_path, capsys, option, valu
     assert exit_info.value.code == 2 and f"argument {option}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,expected", [([], "auto"), (["--cuda-graphs"], "on"), (["--cuda-graphs", "off"], "off")])
+def test_cuda_graphs_default_to_auto_as_in_score(flags, expected):
+    args = cli.build_parser().parse_args(["score", "--data", "d.tsv", *flags])
+    assert args.cuda_graphs == expected
+
+
 def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, capsys):
     data = tsv(tmp_path / "d.tsv")
     for flag, value, expected in [("--out", data / "r.json", "is a file, not a folder"),

@@ -1,4 +1,4 @@
-"""score(cuda_graphs=True): batches replayed from a graph per shape give the eager statistics.
+"""score(cuda_graphs=True / "auto", the default): batches replayed from a graph per shape give the eager statistics.
 
 On the CPU the graphs are emulated (:class:`ReplayGraphs`): a "capture" records nothing but the
 pass to run, a "replay" runs it again from the static buffers — and checks that the pooling
@@ -62,11 +62,14 @@ class ReplayGraphs(graphs.ForwardGraphs):
         self.warm_launches = list(self.core.launches)
 
     def capture(self, graph, run):
-        graph.run, graph.launches = run, self.warm_launches
+        graph.run, graph.launches, graph.model_buffers = run, self.warm_launches, self.watch()
 
     def _replay(self, graph):
+        # A real graph reads the model's buffers where they were at capture: they must still be there.
+        assert self.watch() == graph.model_buffers, "a replay would read model buffers that have moved"
         self.core.launches.clear()
         graph.run()
+        self._model_ran = True  # this emulated replay ran the model's Python (a real one runs none)
         assert self.core.launches == graph.launches, "a replay would launch the kernel with other arguments"
 
 
@@ -110,7 +113,7 @@ def test_emulated_graphs_give_the_eager_statistics(kind, emulated):
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     except RuntimeError as error:
         pytest.skip(f"transformers {transformers.__version__} cannot run {kind} in float64: {error}")
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     graphed = hsvfast.score(model, batches, cuda_graphs=True)
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
     # Padded to 8, 8, 8, 8, 16, 16, 16, 16, 8, 16 tokens: batch 0 (first folds) and each shape's first
@@ -130,7 +133,7 @@ def test_emulated_graphs_on_minilm_and_sst2(emulated, minilm_path, sst2_dev):
     model = AutoModel.from_pretrained(minilm_path).eval()
     batches = list(BucketedBatches(*sst2_dev, tokenizer, batch_size=32))
     assert "token_type_ids" in batches[0]
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     graphed = hsvfast.score(model, batches, cuda_graphs=True)
     for name in eager.metrics:  # float32 attention over more (masked) keys: equal to float32 rounding
         np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=1e-5)
@@ -149,7 +152,7 @@ def test_emulated_graphs_in_every_statistics_mode(mode, hold, emulated, monkeypa
     batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 3)
     kwargs = {"per_class": {}, "balanced": dict(class_counts=_counts(batches)),
               "trace": dict(metrics=["trace_ratio"])}[mode]
-    eager = hsvfast.score(model, batches, **kwargs)
+    eager = hsvfast.score(model, batches, cuda_graphs=False, **kwargs)
     graphed = hsvfast.score(model, batches, cuda_graphs=True, **kwargs)
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
     for name in eager.metrics:
@@ -168,7 +171,7 @@ def test_emulated_graphs_with_token_types_and_longer_then_shorter_batches(emulat
         types = torch.zeros_like(batch["input_ids"])
         types[:, batch["input_ids"].shape[1] // 2 :] = 1
         batch["token_type_ids"] = types * batch["attention_mask"]
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     graphed = hsvfast.score(model, batches, cuda_graphs=True)
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
     assert emulated[0].counts["replayed"] >= 6
@@ -181,7 +184,7 @@ def test_graphs_are_captured_again_when_new_classes_grow_the_statistics(emulated
     model = tiny_model("bert").double()
     batches = mixed_length_batches(lengths=(8,) * 8, classes=2)
     batches[5]["labels"][3] = 7  # a third class in batch 5 (capacity 2 -> 4)
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     graphed = hsvfast.score(model, batches, cuda_graphs=True)
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
     assert emulated[0].counts["captured"] == 2  # after batch 1, and again after batch 5
@@ -208,11 +211,104 @@ def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monk
     monkeypatch.setattr(ReplayGraphs, "capture", fails)
     model = tiny_model("llama").double()
     batches = mixed_length_batches()
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     with pytest.warns(UserWarning, match="CUDA graphs switched off .* not permitted"):
         graphed = hsvfast.score(model, batches, cuda_graphs=True)
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
     assert emulated[0].disabled and emulated[0].counts["replayed"] == 0
+
+
+def test_a_failed_capture_under_auto_is_only_recorded(emulated, monkeypatch):
+    """"auto" (the default) was not asked for graphs: a model that cannot be captured (transformers 4.x reads
+    the mask on the host) is scored eagerly without a warning; the report's info says why graphs were off."""
+    def fails(self, graph, run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(ReplayGraphs, "capture", fails)
+    monkeypatch.setattr(scoring, "HostBoundProbe",
+                        lambda device: _fake_probe({"host": 0.0, "arrived": True, "device_over_host": 1.0}))
+    model = tiny_model("bert").double()
+    batches = mixed_length_batches(lengths=(8,) * 8)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = hsvfast.score(model, batches)
+    assert_same_statistics(auto.stats, eager.stats, rtol=1e-9)
+    info = auto.stats.info["cuda_graphs"]
+    assert "not permitted when stream is capturing" in info["off"] and info["replayed"] == 0, info
+
+
+class _CachedScaleModel(torch.nn.Module):
+    """Embedding + linear blocks scaled by a cached tensor that the forward replaces: when an input is longer
+    than any before (a cache grown for longer inputs, as rotary caches were), or at every forward
+    (``always``). The cache is a registered buffer, or a plain attribute (``plain``: as transformers' speech
+    models keep their rotary embeddings). ``moves`` counts the replacements."""
+
+    def __init__(self, always: bool = False, plain: bool = False, hidden: int = 16, depth: int = 3):
+        super().__init__()
+        self.always, self.plain, self.moves = always, plain, 0
+        self.embeddings = torch.nn.Embedding(VOCAB, hidden, dtype=torch.float64)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, dtype=torch.float64) for _ in range(depth))
+        self.reset()
+
+    def reset(self):
+        self.keep(torch.ones(1, dtype=torch.float64))
+        self.moves = 0
+
+    def keep(self, cache):
+        if self.plain:
+            self.cache = cache
+        else:
+            self.register_buffer("cache", cache)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        tokens = input_ids.shape[1]
+        if self.always or tokens > self.cache.shape[0]:
+            self.keep(torch.linspace(1.0, 2.0, max(tokens, self.cache.shape[0]), dtype=torch.float64,
+                                     device=input_ids.device))
+            self.moves += 1
+        hidden = self.embeddings(input_ids) * self.cache[:tokens, None]
+        for block in self.layers:
+            hidden = torch.tanh(block(hidden))
+        return hidden
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["buffer", "attribute"])
+def test_tensors_of_a_model_change_when_one_is_replaced(plain):
+    model = _CachedScaleModel(plain=plain)
+    watch = graphs.tensors_of(model)
+    before = watch()
+    assert before == watch() == ((model.cache.data_ptr(), (1,)),)  # parameters are not watched
+    model(torch.zeros(2, 5, dtype=torch.long))  # longer than the cache: replaced
+    assert watch() == ((model.cache.data_ptr(), (5,)),) != before
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["buffer", "attribute"])
+def test_graphs_are_captured_again_when_the_model_replaces_a_tensor(plain, emulated):
+    """A longer batch grows the model's cache (a new tensor) in an eager forward: the graph of the shorter
+    shape, captured before, would read the old one; it is captured again instead (ReplayGraphs checks that
+    no replay reads a moved tensor)."""
+    model = _CachedScaleModel(plain=plain)
+    batches = mixed_length_batches(lengths=(8, 8, 8, 16, 16, 8, 8, 16, 8))
+    eager = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs=False)
+    model.reset()
+    graphed = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats, rtol=1e-12)
+    assert model.moves == 2  # the first batch (8 tokens), the first of 16 (batch 3)
+    # Eager: batch 0 (first folds), 1 and 3 (first of 8 and of 16 tokens; 3 grows the cache). Captured: 2, 4,
+    # and 5 (8 tokens again: the cache moved after the first capture). Replayed: 6-8.
+    assert dict(emulated[0].counts) == {"eager": 3, "captured": 3, "replayed": 3}
+    assert emulated[0].model_moves == 1 and not emulated[0].disabled
+
+
+def test_graphs_switch_off_for_a_model_that_replaces_a_tensor_in_every_forward(emulated):
+    model = _CachedScaleModel(always=True)
+    batches = mixed_length_batches(lengths=(8,) * 16)
+    eager = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs=False)
+    graphed = hsvfast.score(model, batches, blocks=model.layers, pooling="mean_all", cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats, rtol=1e-12)
+    assert "replaces its tensors" in graphed.stats.info["cuda_graphs"]["off"]
+    assert emulated[0].model_moves == graphs.MAX_MODEL_MOVES + 1
 
 
 @pytest.mark.parametrize("kind", ENCODERS + DECODERS)
@@ -284,13 +380,14 @@ def test_probe_finds_a_host_bound_forward_only_once_its_timings_arrived():
 
 
 @pytest.mark.parametrize("device_over_host", [1.0, 1.8], ids=["host_bound", "device_bound"])
-def test_auto_uses_graphs_only_for_a_host_bound_forward(device_over_host, emulated, monkeypatch):
+@pytest.mark.parametrize("asked", [{"cuda_graphs": "auto"}, {}], ids=["auto", "default"])
+def test_auto_uses_graphs_only_for_a_host_bound_forward(device_over_host, asked, emulated, monkeypatch):
     timeline = {"host": 0.0, "arrived": True, "device_over_host": device_over_host}
     monkeypatch.setattr(scoring, "HostBoundProbe", lambda device: _fake_probe(timeline))
     model = tiny_model("bert").double()
     batches = mixed_length_batches(lengths=(8,) * 12)
-    eager = hsvfast.score(model, batches)
-    auto = hsvfast.score(model, batches, cuda_graphs="auto")
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
+    auto = hsvfast.score(model, batches, **asked)  # "auto" is the default
     assert_same_statistics(auto.stats, eager.stats, rtol=1e-9)
     counts = emulated[0].counts
     if device_over_host < 1.1:  # batches 1-4 timed (0 skipped), decided at batch 5, captured, the rest replayed
@@ -304,9 +401,9 @@ def test_auto_uses_graphs_only_for_a_host_bound_forward(device_over_host, emulat
 def test_cuda_graphs_argument_is_checked():
     with pytest.raises(ValueError, match="cuda_graphs must be True, False or 'auto'"):
         hsvfast.score(tiny_model("bert"), random_batches(), cuda_graphs="always")
-    if not torch.cuda.is_available():  # "auto" where graphs cannot run: the eager pass
-        auto = hsvfast.score(tiny_model("bert"), random_batches(), cuda_graphs="auto")
-        assert auto.num_examples == 48
+    for asked in ({"cuda_graphs": "auto"}, {}):  # "auto" (the default) on the CPU: the eager pass, no graph info
+        auto = hsvfast.score(tiny_model("bert"), random_batches(), device="cpu", **asked)
+        assert auto.num_examples == 48 and "cuda_graphs" not in auto.stats.info
 
 
 def test_padding_never_passes_the_models_longest_input():
@@ -343,7 +440,7 @@ def test_cuda_graphs_give_the_eager_statistics(kind, mode):
     model = tiny_model(kind).cuda()
     batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 2)
     kwargs = dict(class_counts=_counts(batches)) if mode == "balanced" else {}
-    eager = hsvfast.score(model, batches, autocast=False, **kwargs)
+    eager = hsvfast.score(model, batches, cuda_graphs=False, autocast=False, **kwargs)
     graphed, used, warned = _score_with_graphs(model, batches, autocast=False, **kwargs)
     # Padded to 16 tokens, float32 attention sums in another order: equal to float32 rounding.
     assert_same_statistics(graphed.stats, eager.stats, rtol=1e-4)
@@ -357,11 +454,24 @@ def test_cuda_graphs_under_bf16_autocast(kind):
     """The default on CUDA for a float32 model: captured with autocast's cast cache off."""
     model = tiny_model(kind).cuda()
     batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 2)
-    eager = hsvfast.score(model, batches)
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
     graphed, used, warned = _score_with_graphs(model, batches)
     assert not warned and used["replayed"] >= 10
     for name in eager.metrics:  # bf16 hidden states of differently padded attention
         np.testing.assert_allclose(graphed.metrics[name], eager.metrics[name], rtol=3e-2)
+
+
+@requires_cuda
+def test_the_default_on_cuda_times_the_forward_and_gives_the_eager_statistics():
+    """score() without cuda_graphs on a GPU is "auto": a few eager batches are timed, then graphs run if the
+    forward is bound by the host (a tiny BERT's is); either way the statistics are the eager pass's."""
+    model = tiny_model("bert").cuda()
+    batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10, 12, 13) * 2)
+    eager = hsvfast.score(model, batches, autocast=False, cuda_graphs=False)
+    default = hsvfast.score(model, batches, autocast=False)
+    info = default.stats.info["cuda_graphs"]
+    assert info["host_bound"] is not None and info["eager"] >= 5, info  # the probe decided, after 1 + 4 batches
+    assert_same_statistics(default.stats, eager.stats, rtol=1e-4)
 
 
 class _DeviceHeavyModel(torch.nn.Module):
