@@ -11,7 +11,8 @@ A graph replays fixed shapes and fixed addresses, so:
 
 * each batch is copied into static input buffers of its shape's graph. With an attention mask,
   the tokens are padded to a multiple of ``multiple`` (padding tokens: the pad id, mask 0, pooling
-  weight 0 — what a tokenizer's own padding gives) so that nearby lengths share one graph;
+  weight 0 — what a tokenizer's own padding gives) so that nearby lengths share one graph — except
+  for a model whose convolutions would see the extra tokens (:func:`convolves_across_tokens`);
 * the batch's plan (class ids, staging rows or 1/N_c, and the batch index, which the pooling
   kernel reads on the device) is copied into a static buffer;
 * a graph is replayed only while the statistics' buffers are where they were at capture
@@ -72,6 +73,23 @@ def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
                 found.append((value.data_ptr(), value.shape))
         return tuple(found)
     return addresses
+
+
+def convolves_across_tokens(model: torch.nn.Module) -> bool:
+    """Whether a token's output can depend on the tokens after it other than through attention, which
+    masks them: a convolution whose window reaches forward (ConvBERT's, padded on both sides). Padding a
+    batch's tokens for a graph would then change the real tokens' states, so such a model runs in graphs
+    of its batches' exact shapes. A causal convolution (Mamba's, Qwen3-Next's: padded by k − 1 and cut
+    back) sees only earlier tokens; transformers' ``Conv1D`` (GPT-2) is a linear layer."""
+    for module in model.modules():
+        if not isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue
+        reach = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        if not any(reach):
+            continue  # 1×1: no mixing
+        if len(reach) != 1 or isinstance(module.padding, str) or module.padding[0] < reach[0]:
+            return True
+    return False
 
 
 def graphs_supported(device: torch.device) -> bool:

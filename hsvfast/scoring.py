@@ -14,7 +14,8 @@ from torch import nn
 
 from . import _kernels
 from .batching import BucketedBatches
-from .graphs import ForwardGraphs, HostBoundProbe, graphs_supported, tensors_of
+from .graphs import (DEFAULT_MULTIPLE, ForwardGraphs, HostBoundProbe, convolves_across_tokens, graphs_supported,
+                     tensors_of)
 from .layers import (StopForward, block_hidden_states, find_blocks, hidden_size_of, layer_modules, output_layout,
                      resolve_layers, without_cache)
 from .metrics import DEFAULT_METRICS, check_metric_names, metrics_of_layers
@@ -87,7 +88,8 @@ def score(
             see ``hsvfast.metrics.LOWER_IS_BETTER`` for all and their directions. Only what
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch
-            shape, tokens padded to a multiple of 8 (see :mod:`hsvfast.graphs`): for forwards bound
+            shape, tokens padded to a multiple of 8 (exact shapes for a model that convolves across tokens, as
+            ConvBERT does; see :mod:`hsvfast.graphs`): for forwards bound
             by the host (short sequences on a large GPU). ``"auto"`` (default): on CUDA, only where a
             few timed eager batches show the forward is bound by the host; elsewhere (CPU, a model
             split over devices, no compiled CUDA kernels) off. True: always (CUDA only); False: never.
@@ -247,6 +249,7 @@ def score(
                 raise
 
         graphs = ForwardGraphs(stats, run_graphed, device, pad_token_id=_pad_token_id(model), max_tokens=max_positions,
+                               multiple=1 if convolves_across_tokens(model) else DEFAULT_MULTIPLE,
                                probe=HostBoundProbe(device) if cuda_graphs == "auto" else None,
                                watch=tensors_of(model), warn=cuda_graphs is True)
 

@@ -273,6 +273,45 @@ class _CachedScaleModel(torch.nn.Module):
         return hidden
 
 
+def _conv(**kwargs):
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, **kwargs))
+
+
+@pytest.mark.parametrize("conv,reaches", [
+    (dict(kernel_size=1), False),                        # no mixing
+    (dict(kernel_size=4, padding=3), False),             # causal, cut back after (Mamba, Qwen3-Next)
+    (dict(kernel_size=3, padding=4, dilation=2), False),  # causal with dilation
+    (dict(kernel_size=9, padding=4), True),              # both sides (ConvBERT)
+    (dict(kernel_size=3, padding="same"), True),
+    (dict(kernel_size=3, padding=2, dilation=2), True),
+])
+def test_convolutions_that_reach_later_tokens_are_found(conv, reaches):
+    assert graphs.convolves_across_tokens(_conv(**conv)) is reaches
+
+
+def test_attention_models_and_gpt2s_linear_conv1d_do_not_convolve_across_tokens():
+    for kind in ENCODERS + DECODERS:  # GPT-2's transformers.Conv1D is a linear layer
+        assert not graphs.convolves_across_tokens(tiny_model(kind))
+
+
+def test_a_model_that_convolves_across_tokens_runs_in_graphs_of_exact_shapes(emulated):
+    """ConvBERT's convolutions see the tokens on both sides, pads included: padded to 8 tokens, its
+    float64 ν moved by 9e-4 from the eager pass's. Its graphs keep the batches' own shapes."""
+    if not hasattr(transformers, "ConvBertModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no ConvBertModel")
+    torch.manual_seed(0)
+    model = transformers.ConvBertModel(transformers.ConvBertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+        embedding_size=32)).double().eval()
+    assert graphs.convolves_across_tokens(model)
+    batches = mixed_length_batches(lengths=(5, 7, 5, 7, 6, 5, 7, 6, 5, 7))
+    eager = hsvfast.score(model, batches, cuda_graphs=False)
+    graphed = hsvfast.score(model, batches, cuda_graphs=True)
+    assert_same_statistics(graphed.stats, eager.stats, rtol=1e-9)
+    # Eager: batch 0 (first folds) and the first of 7, 5 and 6 tokens; captured: the second of each.
+    assert emulated[0].multiple == 1 and dict(emulated[0].counts) == {"eager": 4, "captured": 3, "replayed": 3}
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["buffer", "attribute"])
 def test_tensors_of_a_model_change_when_one_is_replaced(plain):
     model = _CachedScaleModel(plain=plain)
