@@ -121,6 +121,32 @@ def test_emulated_graphs_give_the_eager_statistics(kind, emulated):
     assert dict(emulated[0].counts) == {"eager": 3, "captured": 2, "replayed": 5}
 
 
+def _sweep_names():
+    from test_architectures import SWEEP
+    return list(SWEEP)
+
+
+@pytest.mark.parametrize("name", _sweep_names())
+def test_emulated_graphs_give_the_eager_metrics_for_every_architecture_of_the_sweep(name, emulated):
+    """Shared groups, tokens-first states, padding inside the model, encoders of encoder-decoders, hybrid
+    and MoE blocks (test_architectures.SWEEP): padded to 16 tokens in graphs, the eager pass's ν and trace
+    ratio — in float64 to 1e-12, in float32 where the model runs only in it (MoE grouped matmuls)."""
+    from test_architectures import SWEEP
+
+    model = SWEEP[name]()
+    batches = mixed_length_batches(lengths=(9, 16, 11, 15, 14, 10))
+    try:
+        model, rtol = model.double(), 1e-12
+        eager = hsvfast.score(model, batches, pooling="mean_all", cuda_graphs=False)
+    except RuntimeError:
+        model, rtol = model.float(), 1e-6
+        eager = hsvfast.score(model, batches, pooling="mean_all", cuda_graphs=False)
+    graphed = hsvfast.score(model, batches, pooling="mean_all", cuda_graphs=True)
+    for metric in eager.metrics:
+        np.testing.assert_allclose(graphed.metrics[metric], eager.metrics[metric], rtol=rtol)
+    assert dict(emulated[0].counts) == {"eager": 2, "captured": 1, "replayed": 3}
+
+
 def test_emulated_graphs_on_minilm_and_sst2(emulated, minilm_path, sst2_dev):
     """Real model, real data, the CLI's loader: 872 SST-2 sentences length-bucketed by MiniLM's
     tokenizer (token types included) in 28 batches — padded to multiples of 8 in graphs, ν and the
