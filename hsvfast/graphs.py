@@ -57,17 +57,18 @@ def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
     registered buffer and public tensor attribute of its modules): a graph reads them where they were at
     its capture. Parameters are left out (a forward does not replace its weights; reading ~400 of them
     would cost more than the rest). Only Python code moves these tensors, so :class:`ForwardGraphs`
-    reads this only after an eager forward (a replay runs none): ~40 µs for BERT-large."""
+    reads this only after an eager forward (a replay runs none)."""
     modules = list(model.modules())
-    attributes: Optional[list] = None  # (module __dict__, name) of attributes holding a tensor or None
+    places: Optional[list] = None  # (dict, name) of each buffer and each attribute holding a tensor or None
 
     def addresses() -> tuple:
-        nonlocal attributes
-        if attributes is None:  # chosen at the first read, after eager forwards set any lazy caches
-            attributes = [(module.__dict__, name) for module in modules for name, value in module.__dict__.items()
-                          if not name.startswith("_") and (value is None or isinstance(value, torch.Tensor))]
-        found = [(t.data_ptr(), t.shape) for module in modules for t in module._buffers.values() if t is not None]
-        for holder, name in attributes:
+        nonlocal places
+        if places is None:  # chosen at the first read, after eager forwards made any lazy caches
+            places = [(module._buffers, name) for module in modules for name in module._buffers]
+            places += [(module.__dict__, name) for module in modules for name, value in module.__dict__.items()
+                       if not name.startswith("_") and (value is None or isinstance(value, torch.Tensor))]
+        found = []
+        for holder, name in places:
             value = holder.get(name)
             if isinstance(value, torch.Tensor):
                 found.append((value.data_ptr(), value.shape))
