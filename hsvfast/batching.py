@@ -131,39 +131,55 @@ class BucketedBatches:
             chunks = tqdm(chunks, desc="hsvfast: counting classes", unit="chunk")
         for start, stop in chunks:
             columns = self._encode(start, stop)
-            for offset, (ids, special) in enumerate(zip(columns["input_ids"], columns["special_tokens_mask"])):
-                if (0 in special) if pooling == "mean" else len(ids) > 0:
-                    label = labels[start + offset]
-                    counts[label] = counts.get(label, 0) + 1
+            poolable = columns["lengths"] > 0
+            if pooling == "mean" and poolable.any():  # and a token that is not special
+                ordinary = np.zeros(len(poolable), np.int64)
+                # Sums over each non-empty sequence (reduceat would read an empty one's neighbour).
+                ordinary[poolable] = np.add.reduceat(1 - columns["special_tokens_mask"], columns["starts"][poolable])
+                poolable &= ordinary > 0
+            for offset in np.flatnonzero(poolable).tolist():
+                label = labels[start + offset]
+                counts[label] = counts.get(label, 0) + 1
         return counts
 
-    def _chunk_batches(self, start: int, columns: Dict[str, List[List[int]]]) -> Iterator[Dict[str, Any]]:
+    def _chunk_batches(self, start: int, columns: Dict[str, np.ndarray]) -> Iterator[Dict[str, Any]]:
         """The batches of one tokenised chunk (texts start, start + 1, …), shortest sequences first."""
-        lengths = np.array([len(ids) for ids in columns["input_ids"]])
+        lengths = columns["lengths"]
         order = np.argsort(lengths, kind="stable")
         for first in range(0, len(order), self.batch_size):
             rows = order[first : first + self.batch_size]
-            batch = _right_padded(columns, rows, lengths[rows], self._pad_values, self.pin_memory)
+            batch = _right_padded(columns, rows, self._pad_values, self.pin_memory)
             batch["labels"] = _label_tensor([self.labels[start + r] for r in rows])
             self.padding.real_tokens += int(lengths[rows].sum())
             self.padding.padded_tokens += int(batch["input_ids"].numel())
             yield batch
 
-    def _encode(self, start: int, stop: int) -> Dict[str, List[List[int]]]:
-        """Token ids, special-token masks (and token types) of texts[start:stop], unpadded."""
+    def _encode(self, start: int, stop: int) -> Dict[str, np.ndarray]:
+        """Token ids, special-token masks (and token types) of texts[start:stop], unpadded: each column
+        one flat int64 array of the sequences one after another, with their ``lengths`` and ``starts``
+        (made here, in the tokenising thread, so that batching is array indexing)."""
         texts = list(self.texts[start:stop])
         pairs = list(self.text_pairs[start:stop]) if self.text_pairs is not None else None
         with_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ["token_type_ids"])
         if self._backend is not None:
-            encodings = self._backend.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+            inputs = list(zip(texts, pairs)) if pairs is not None else texts
+            # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which are not used here.
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            encodings = encode(inputs)
             columns = {"input_ids": [e.ids for e in encodings],
                        "special_tokens_mask": [e.special_tokens_mask for e in encodings]}
             if with_types:
                 columns["token_type_ids"] = [e.type_ids for e in encodings]
-            return columns
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length,
-                                 return_special_tokens_mask=True, return_attention_mask=False)
-        return {key: encoded[key] for key in ("input_ids", "special_tokens_mask", "token_type_ids") if key in encoded}
+        else:
+            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length,
+                                     return_special_tokens_mask=True, return_attention_mask=False)
+            columns = {key: encoded[key] for key in ("input_ids", "special_tokens_mask", "token_type_ids")
+                       if key in encoded}
+        lengths = np.fromiter(map(len, columns["input_ids"]), np.int64, len(texts))
+        total = int(lengths.sum())
+        flat = {key: np.fromiter(itertools.chain.from_iterable(column), np.int64, total)
+                for key, column in columns.items()}
+        return {**flat, "lengths": lengths, "starts": np.cumsum(lengths) - lengths}
 
 
 def _truncating_backend(tokenizer: Any, max_length: int) -> Any:
@@ -192,18 +208,23 @@ def _pad_values(tokenizer: Any) -> Dict[str, int]:
             "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
 
 
-def _right_padded(columns: Dict[str, List[List[int]]], rows: np.ndarray, lengths: np.ndarray,
-                  pad_values: Dict[str, int], pin_memory: bool = False) -> Dict[str, Any]:
-    """The rows ``rows`` of each column as one right-padded (B, longest) long tensor, plus the attention mask."""
-    attended = np.arange(int(lengths.max()) if len(lengths) else 0) < lengths[:, None]
-    total = int(lengths.sum())
+def _right_padded(columns: Dict[str, np.ndarray], rows: np.ndarray, pad_values: Dict[str, int],
+                  pin_memory: bool = False) -> Dict[str, Any]:
+    """The sequences ``rows`` of each flat column (see ``BucketedBatches._encode``) as one right-padded
+    (B, longest) long tensor, plus the attention mask."""
+    lengths = columns["lengths"][rows]
+    positions = np.arange(int(lengths.max()) if len(lengths) else 0)
+    attended = positions < lengths[:, None]
+    # Where each attended position's token lies in the flat columns, in row-major order.
+    taken = (columns["starts"][rows][:, None] + positions)[attended]
     batch = {}
-    for key, column in columns.items():
+    for key in ("input_ids", "special_tokens_mask", "token_type_ids"):
+        if key not in columns:
+            continue
         tensor = torch.empty(attended.shape, dtype=torch.long, pin_memory=pin_memory)
         padded = tensor.numpy()
         padded.fill(pad_values[key])
-        # Row-major order of the attended positions is the order of the concatenated rows.
-        padded[attended] = np.fromiter(itertools.chain.from_iterable(column[r] for r in rows), np.int64, total)
+        padded[attended] = columns[key][taken]
         batch[key] = tensor
     mask = torch.empty(attended.shape, dtype=torch.long, pin_memory=pin_memory)
     mask.numpy()[...] = attended

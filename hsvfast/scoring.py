@@ -304,7 +304,9 @@ def score(
                     run_forward({k: _to_device(v, device) for k, v in inputs.items()}, _to_device(weights, device), plan)
 
                 try:
-                    if graphs is None:
+                    if not poolable.any():
+                        pass  # nothing to pool (e.g. only empty texts: maybe no token at all): no forward
+                    elif graphs is None:
                         eager()
                     else:
                         graphs.run(inputs, weights, plan, eager)

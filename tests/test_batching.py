@@ -163,6 +163,26 @@ def test_pinned_batches_hold_the_same_values():
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_texts_of_no_token_are_batched_counted_and_scored_as_nothing_to_pool():
+    """A tokenizer that adds no special tokens (GPT-2's) makes an empty text a sequence of no token: it is
+    batched with an all-zero attention mask, and not counted by label_counts (score skips it)."""
+    from tiny_models import tiny_model
+
+    texts = ["the cat sat", "", "on the mat", "the", "", "mat on the cat", ""]
+    labels = [0, 1, 2, 0, 1, 2, 1]
+    batcher = BucketedBatches(texts, labels, tiny_tokenizer(eos=False), batch_size=3, chunk_batches=1)
+    batches = list(batcher)
+    assert [tuple(batch["input_ids"].shape) for batch in batches] == [(3, 3), (3, 4), (1, 0)]  # chunks of 3
+    assert sorted(row for batch in batches for row in batch["labels"].tolist()) == sorted(labels)
+    lengths = sorted(int(n) for batch in batches for n in batch["attention_mask"].sum(1))
+    assert lengths == [0, 0, 0, 1, 3, 3, 4]
+    assert batcher.label_counts("mean") == {0: 2, 2: 2} == batcher.label_counts("mean_all")
+    # The last batch has no token at all: score skips it without running the model (which would fail on it).
+    with pytest.warns(UserWarning, match="skipping"):
+        report = hsvfast.score(tiny_model("gpt2"), batcher, pooling="mean_all")
+    assert report.num_examples == 4 and report.num_skipped == 3 and report.class_counts == {0: 2, 2: 2}
+
+
 def test_score_counts_the_batchers_classes_when_per_class_matrices_do_not_fit():
     from tiny_models import tiny_model
 

@@ -61,15 +61,17 @@ def random_batches(num_batches=4, batch_size=12, max_len=10, classes=3, seed=0, 
     return out
 
 
-def tiny_tokenizer(pad_token: bool = True):
-    """A fast word-level tokenizer built in memory: ``<eos>`` after each text, ``<pad>`` only if asked."""
+def tiny_tokenizer(pad_token: bool = True, eos: bool = True):
+    """A fast word-level tokenizer built in memory: ``<eos>`` after each text (unless ``eos`` is False, as
+    GPT-2's adds nothing: an empty text is then no token at all), ``<pad>`` only if asked."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<eos>": 0, "<unk>": 1, "the": 2, "cat": 3, "sat": 4, "on": 5, "mat": 6, "<pad>": 7}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 0)])
+    if eos:
+        backend.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>",
                                    pad_token="<pad>" if pad_token else None,
                                    model_input_names=["input_ids", "attention_mask"])
