@@ -88,15 +88,16 @@ def score(
             see ``hsvfast.metrics.LOWER_IS_BETTER`` for all and their directions. Only what
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch
-            shape, tokens padded to a multiple of 8 (exact shapes for a model that convolves across tokens, as
-            ConvBERT does; see :mod:`hsvfast.graphs`): for forwards bound
-            by the host (short sequences on a large GPU). ``"auto"`` (default): on CUDA, only where a
-            few timed eager batches show the forward is bound by the host; elsewhere (CPU, a model
-            split over devices, no compiled CUDA kernels) off. True: always (CUDA only); False: never.
-            A model that synchronises with the host inside its forward cannot be captured: graphs then
-            switch off (with a warning for True) and scoring goes on eagerly. A graph is captured again
-            when an eager forward moved a tensor the model holds (a parameter, buffer or tensor attribute
-            of a module); a model that keeps tensors elsewhere and replaces them needs False.
+            shape, tokens padded to a multiple of 8 (exact shapes for a model that convolves across
+            tokens, as ConvBERT does; see :mod:`hsvfast.graphs`): for forwards bound by the host (short
+            sequences on a large GPU). ``"auto"`` (default): on CUDA, only where a few timed eager
+            batches show the forward is bound by the host; elsewhere (CPU, a model split over devices,
+            no compiled CUDA kernels) off. True: always (CUDA only); False: never. A model that
+            synchronises with the host inside its forward cannot be captured: graphs then switch off
+            (with a warning for True) and scoring goes on eagerly. A graph is captured again when an
+            eager forward replaced a registered buffer or a tensor attribute of one of the model's
+            modules; a model that keeps tensors elsewhere (in a list, a dict, a non-module object) and
+            replaces them between forwards needs False.
         checkpoint: a file to write the statistics to every ``checkpoint_every`` batches
             (atomically: a crash at any instant leaves the last good checkpoint). Called
             again with the same arguments and a deterministic loader, ``score`` resumes
