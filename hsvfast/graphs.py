@@ -52,9 +52,13 @@ MAX_GRAPHS = 128
 MAX_MODEL_MOVES = 4
 
 
+#: What every nn.Module keeps in its __dict__ (its hooks, parameter and buffer dicts …): never a model's cache.
+_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__)
+
+
 def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
     """A function that returns where ``model``'s movable tensors now are (address and shape of every
-    registered buffer and public tensor attribute of its modules): a graph reads them where they were at
+    registered buffer and tensor attribute of its modules): a graph reads them where they were at
     its capture. Parameters are left out (a forward does not replace its weights; reading ~400 of them
     would cost more than the rest). Only Python code moves these tensors, so :class:`ForwardGraphs`
     reads this only after an eager forward (a replay runs none)."""
@@ -66,7 +70,7 @@ def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
         if places is None:  # chosen at the first read, after eager forwards made any lazy caches
             places = [(module._buffers, name) for module in modules for name in module._buffers]
             places += [(module.__dict__, name) for module in modules for name, value in module.__dict__.items()
-                       if not name.startswith("_") and (value is None or isinstance(value, torch.Tensor))]
+                       if name not in _MODULE_INTERNALS and (value is None or isinstance(value, torch.Tensor))]
         found = []
         for holder, name in places:
             value = holder.get(name)

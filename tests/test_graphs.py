@@ -283,9 +283,13 @@ class _CachedScaleModel(torch.nn.Module):
 
     def keep(self, cache):
         if self.plain:
-            self.cache = cache
+            self._cache = cache  # a private attribute, as caches often are
         else:
-            self.register_buffer("cache", cache)
+            self.register_buffer("_cache", cache)
+
+    @property
+    def cache(self):
+        return self._cache
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         tokens = input_ids.shape[1]
