@@ -302,11 +302,26 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_stats}")
     print(f"\n{report.model_name} on {', '.join(args.data)}: {report.num_examples:,} examples, "
           f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
+    graphs = cuda_graphs_line(report.stats.info.get("cuda_graphs"))
+    if graphs:
+        print(graphs)
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
     _print_sample_note(report)
     _write_outputs(report, args.out, args.plot)
     return 0
+
+
+def cuda_graphs_line(info: Optional[dict]) -> Optional[str]:
+    """One line on how a GPU pass ran its batches (``report.stats.info["cuda_graphs"]``); None without graphs."""
+    if not info:
+        return None
+    total = sum(int(info.get(kind, 0)) for kind in ("replayed", "captured", "eager"))
+    if info.get("off") and not info.get("replayed"):
+        reason = str(info["off"]).splitlines()[0]
+        return f"CUDA graphs: off ({reason[:160]}{'…' if len(reason) > 160 else ''}); all {total:,} batches eager"
+    why = " (the forward was bound by the host)" if info.get("host_bound") else ""
+    return f"CUDA graphs: {int(info.get('replayed', 0)):,} of {total:,} batches replayed{why}"
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -407,6 +422,9 @@ def run_report(args: argparse.Namespace) -> int:
 
     check_writable(out=args.out, plot=args.plot)
     report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
+    graphs = cuda_graphs_line(report.stats.info.get("cuda_graphs"))
+    if graphs:
+        print(graphs)
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
     _print_sample_note(report)

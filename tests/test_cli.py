@@ -152,6 +152,19 @@ def test_cuda_graphs_default_to_auto_as_in_score(flags, expected):
     assert args.cuda_graphs == expected
 
 
+def test_how_a_gpu_pass_ran_its_batches_is_one_line():
+    assert cli.cuda_graphs_line(None) is None  # the CPU: no graphs, nothing said
+    assert cli.cuda_graphs_line({"replayed": 110, "captured": 9, "eager": 9, "host_bound": True}) == \
+        "CUDA graphs: 110 of 128 batches replayed (the forward was bound by the host)"
+    assert cli.cuda_graphs_line({"replayed": 12, "captured": 1, "eager": 2}) == "CUDA graphs: 12 of 15 batches replayed"
+    off = {"replayed": 0, "captured": 0, "eager": 40, "host_bound": False,
+           "off": "the forward is bound by the device (graphs would save nothing)"}
+    assert cli.cuda_graphs_line(off) == ("CUDA graphs: off (the forward is bound by the device (graphs would save "
+                                         "nothing)); all 40 batches eager")
+    failed = {"replayed": 0, "captured": 1, "eager": 6, "off": "RuntimeError: " + "x" * 300 + "\nmore"}
+    assert cli.cuda_graphs_line(failed).endswith("x…); all 7 batches eager")
+
+
 def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, capsys):
     data = tsv(tmp_path / "d.tsv")
     for flag, value, expected in [("--out", data / "r.json", "is a file, not a folder"),
