@@ -75,7 +75,10 @@ def tensors_of(model: torch.nn.Module) -> Callable[[], tuple]:
         for holder, name in places:
             value = holder.get(name)
             if isinstance(value, torch.Tensor):
-                found.append((value.data_ptr(), value.shape))
+                try:
+                    found.append((value.data_ptr(), value.shape))
+                except (RuntimeError, NotImplementedError):  # no plain storage (sparse, some subclasses)
+                    found.append(object())  # unknowable: never equal, so never trusted across eager forwards
         return tuple(found)
     return addresses
 

@@ -352,6 +352,13 @@ def test_tensors_of_a_model_change_when_one_is_replaced(plain):
     assert watch() == ((model.cache.data_ptr(), (5,)),) != before
 
 
+def test_a_tensor_without_an_address_is_never_trusted_to_stay():
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("sparse", torch.eye(3).to_sparse())
+    watch = graphs.tensors_of(model)
+    assert watch() != watch()  # a sparse tensor has no data pointer: its place is unknowable
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["buffer", "attribute"])
 def test_graphs_are_captured_again_when_the_model_replaces_a_tensor(plain, emulated):
     """A longer batch grows the model's cache (a new tensor) in an eager forward: the graph of the shorter
