@@ -302,14 +302,19 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_stats}")
     print(f"\n{report.model_name} on {', '.join(args.data)}: {report.num_examples:,} examples, "
           f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
+    _show(report, args.out, args.plot)
+    return 0
+
+
+def _show(report, out: Optional[str], plot: Optional[str]) -> None:
+    """Print how a GPU pass ran, the per-layer table, ℓ* and any sample-size note; write the outputs asked for."""
     graphs = cuda_graphs_line(report.stats.info.get("cuda_graphs"))
     if graphs:
         print(graphs)
     print(report.to_markdown())
     print(f"\nℓ* = {report.best_layer} (lowest ν)")
     _print_sample_note(report)
-    _write_outputs(report, args.out, args.plot)
-    return 0
+    _write_outputs(report, out, plot)
 
 
 def cuda_graphs_line(info: Optional[dict]) -> Optional[str]:
@@ -422,13 +427,7 @@ def run_report(args: argparse.Namespace) -> int:
 
     check_writable(out=args.out, plot=args.plot)
     report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
-    graphs = cuda_graphs_line(report.stats.info.get("cuda_graphs"))
-    if graphs:
-        print(graphs)
-    print(report.to_markdown())
-    print(f"\nℓ* = {report.best_layer} (lowest ν)")
-    _print_sample_note(report)
-    _write_outputs(report, args.out, args.plot)
+    _show(report, args.out, args.plot)
     return 0
 
 

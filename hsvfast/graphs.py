@@ -279,10 +279,10 @@ class ForwardGraphs:
                 self._eager(eager)  # a shape seen once stays eager (and every batch while the probe times)
                 return
             entry = self.entries[key] = self._new_entry(key, inputs, weights, plan)
+        self._load(entry, inputs, weights, plan)
         addresses = self.stats.buffer_addresses()
         if entry.graph is not None and entry.addresses == addresses:
             if entry.model_version == self._model_now():
-                self._load(entry, inputs, weights, plan)
                 entry.graph.replay()
                 self.counts["replayed"] += 1
                 return
@@ -291,7 +291,6 @@ class ForwardGraphs:
             if self._model_moved():
                 self._eager(eager)
                 return
-        self._load(entry, inputs, weights, plan)
         # First capture of this shape, or buffers moved (new classes, a new staging layout, the model's).
         entry.graph, entry.addresses, entry.model_version = None, None, -1
         run = lambda: self.run_forward(entry.inputs, entry.weights, entry.plan)  # noqa: E731

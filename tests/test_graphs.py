@@ -230,11 +230,12 @@ def test_nan_in_a_replayed_batch_names_that_batch(where, request):
         hsvfast.score(model, batches, cuda_graphs=True)
 
 
-def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monkeypatch):
-    def fails(self, graph, run):
-        raise RuntimeError("operation not permitted when stream is capturing")
+def _failing_capture(self, graph, run):
+    raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(ReplayGraphs, "capture", fails)
+
+def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monkeypatch):
+    monkeypatch.setattr(ReplayGraphs, "capture", _failing_capture)
     model = tiny_model("llama").double()
     batches = mixed_length_batches()
     eager = hsvfast.score(model, batches, cuda_graphs=False)
@@ -247,10 +248,7 @@ def test_a_failed_capture_switches_graphs_off_and_scoring_goes_on(emulated, monk
 def test_a_failed_capture_under_auto_is_only_recorded(emulated, monkeypatch):
     """"auto" (the default) was not asked for graphs: a model that cannot be captured (transformers 4.x reads
     the mask on the host) is scored eagerly without a warning; the report's info says why graphs were off."""
-    def fails(self, graph, run):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    monkeypatch.setattr(ReplayGraphs, "capture", fails)
+    monkeypatch.setattr(ReplayGraphs, "capture", _failing_capture)
     monkeypatch.setattr(scoring, "HostBoundProbe",
                         lambda device: _fake_probe({"host": 0.0, "arrived": True, "device_over_host": 1.0}))
     model = tiny_model("bert").double()
