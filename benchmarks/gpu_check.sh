@@ -7,8 +7,8 @@
 #
 #   bash benchmarks/gpu_check.sh            (from the repository root; logs go to $OUT or /tmp)
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   (build, tests, memcheck, kernel timings and a smaller
-#                                                     BERT-large end-to-end run: ~4 min, when little device
-#                                                     time is left)
+#                                                     BERT-large and Llama end-to-end runs: ~5 min, when
+#                                                     little device time is left)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -66,12 +66,16 @@ step "kernel throughput"
 within 60 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/kernels.py" --device cuda --dtypes float32,bfloat16,float16 2>&1 | tee "$LOG/kernels.md") || status=1; }
 
 if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
-  # The open GPU target (issue 3: all 24 layers of BERT-large in bf16 at <= 1.03x the bare forward, with the
-  # default settings), smaller than the full run's step: the default ("auto") and the eager pass beside it.
+  # The GPU targets (issue 3: all layers of BERT-large and of a ~1B Llama in bf16 at <= 1.03x the bare forward,
+  # with the default settings), smaller than the full run's steps: the default ("auto") and eager beside it.
   step "end to end, BERT-large-size random weights, bf16 (quick: 8,192 examples, 3 rounds)"
   within 120 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
     --model bert-large-random --synthetic --examples 8192 --batch-size 128 --rounds 3 --skip paper,hand,hsvfast_e2e 2>&1 \
     | grep -v "Loading weights" | tee "$LOG/e2e_bert_large_quick.md") || status=1; }
+  step "end to end, ~1B Llama-style random weights, bf16 (quick: 4,096 examples, 3 rounds)"
+  within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
+    --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 3 --skip paper,hand,hsvfast_e2e 2>&1 \
+    | grep -v "Loading weights" | tee "$LOG/e2e_llama_1b_quick.md") || status=1; }
   step "done (quick), status $status"; exit $status
 fi
 
