@@ -44,6 +44,7 @@ PoolFoldArgs make_args(std::uintptr_t act, int dtype, int64_t batch, int64_t tok
 // Per-layer entries of pool_fold_layers, flattened: act, dim, stride_b, stride_t, stride_d,
 // shift, out, sums, sqnorms, nonfinite (a flat list of ints converts faster than tuples).
 constexpr size_t kLayerFields = 10;
+constexpr int kEmulatedCuda = -2;  // pool_fold_layers' device for the CUDA kernel emulated on the CPU
 
 std::vector<hsvfast::LayerPointers> layer_pointers(const std::vector<int64_t>& flat) {
   if (flat.size() % kLayerFields != 0) throw std::invalid_argument("hsvfast: 10 entries per layer expected");
@@ -67,6 +68,8 @@ std::vector<hsvfast::LayerPointers> layer_pointers(const std::vector<int64_t>& f
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hsvfast compiled core: pool token states and fold them into per-class statistics.";
   m.attr("NO_BAD_BATCH") = hsvfast::kNoBadBatch;
+  m.attr("EMULATED_CUDA") = kEmulatedCuda;
+  m.attr("HAS_CUDA_EMULATION") = hsvfast::kHasCudaEmulation;
 
   m.def(
       "pool_fold_cpu",
@@ -81,7 +84,8 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Pool and fold one batch on the CPU (see csrc/pool_fold.h for the contract).");
 
-  // device < 0: CPU; else the CUDA device whose `stream` to launch on.
+  // device -1: the CPU kernel; -2: the CUDA kernel's code emulated on the CPU (tests); else the CUDA device whose
+  // `stream` to launch on.
   m.def(
       "pool_fold_layers",
       [](int dtype, int64_t batch, int64_t tokens, std::uintptr_t weights, std::uintptr_t labels,
@@ -92,7 +96,9 @@ PYBIND11_MODULE(_C, m) {
                                         0, 0, batch_index);
         common.batch_index_at = ptr<const int64_t>(batch_index_at);
         py::gil_scoped_release release;
-        if (device < 0) {
+        if (device == kEmulatedCuda) {
+          hsvfast::pool_fold_layers_cuda_emulated(common, layers.data(), int64_t(layers.size()));
+        } else if (device < 0) {
           hsvfast::pool_fold_layers_cpu(common, layers.data(), int64_t(layers.size()));
         } else {
 #ifdef HSVFAST_WITH_CUDA

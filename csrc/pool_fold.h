@@ -81,6 +81,11 @@ void pool_fold_cpu(const PoolFoldArgs& args);
 // `count` layers of one batch, one after the other (each as pool_fold_cpu(with_layer(common, layer))).
 void pool_fold_layers_cpu(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count);
 
+// The CUDA kernel's code run on the CPU on host memory (csrc/cuda_emulation.h), with or without CUDA in the
+// build: the CUDA kernel's tests run where there is no GPU. Slow: for tests.
+void pool_fold_layers_cuda_emulated(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count);
+extern const bool kHasCudaEmulation;  // false where the platform has no ucontext (the emulator then throws)
+
 #ifdef HSVFAST_WITH_CUDA
 // Launch on `stream` of CUDA device `device`; never synchronise the host. The layers version
 // pools up to kMaxLaunchLayers layers of one batch per kernel launch (one launch per batch

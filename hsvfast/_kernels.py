@@ -80,7 +80,8 @@ def pool_fold(
     (B, T) float32 contiguous; ``labels``/``out_rows`` (B,) int64; ``shift``/``sums``
     (C, d), ``sqnorms`` (C,), ``out`` (rows, d) float64 contiguous; ``nonfinite`` a
     one-element int64 tensor lowered to ``batch_index`` when a pooled value is NaN/Inf.
-    Everything must be on ``act``'s device. ``use`` overrides :func:`backend`.
+    Everything must be on ``act``'s device. ``use`` overrides :func:`backend`; ``use="cuda_emulated"``
+    runs the CUDA kernel's code on the CPU, on CPU tensors (slow: for tests without a GPU).
     ``validate=False`` skips the checks of the accumulator tensors (for callers that
     made them, like :class:`~hsvfast.statistics.Statistics`: it saves host time per layer).
     """
@@ -118,11 +119,16 @@ def pool_fold(
     )
     if which == "cpp":
         _C.pool_fold_cpu(*args)
+    elif which == "cuda_emulated":  # the multi-layer entry with one layer: the emulator has no other
+        if not act.is_cpu:
+            raise ValueError("use='cuda_emulated' runs the CUDA kernel's code on the CPU: pass CPU tensors")
+        _C.pool_fold_layers(dtype_code, act.shape[0], act.shape[1], args[8], args[9], args[10], batch_index,
+                            [args[0], *args[4:8], *args[11:16]], _C.EMULATED_CUDA, 0)
     elif which == "cuda":
         index = act.get_device()
         _C.pool_fold_cuda(*args, index, _current_stream(index))
     else:
-        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
+        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda', 'cuda_emulated' or 'torch'")
 
 
 def pool_fold_layers(
@@ -158,7 +164,7 @@ def pool_fold_layers(
         raise ValueError(f"weights must be (batch, tokens), got shape {tuple(weights.shape)}")
     batch, tokens = weights.shape  # the kernels index the weights with each layer's (batch, tokens)
     dtype, device = first.dtype, first.get_device()
-    one_call = which != "torch" and (len(acts) > 1 or batch_index_at is not None)
+    one_call = which == "cuda_emulated" or (which != "torch" and (len(acts) > 1 or batch_index_at is not None))
     flat = []  # 10 entries per layer: see layer_pointers in csrc/bindings.cpp
     for i, act in enumerate(acts):  # runs once per layer and batch: plain attribute reads only
         shape = act.shape
@@ -185,10 +191,14 @@ def pool_fold_layers(
         raise TypeError(f"activations of dtype {dtype} are not supported; use float32, float16 or bfloat16")
     if which == "cpp":
         device, stream = -1, 0
+    elif which == "cuda_emulated":
+        if device != -1:
+            raise ValueError("use='cuda_emulated' runs the CUDA kernel's code on the CPU: pass CPU tensors")
+        device, stream = _C.EMULATED_CUDA, 0
     elif which == "cuda":
         stream = _current_stream(device)
     else:
-        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda' or 'torch'")
+        raise ValueError(f"unknown backend {which!r}; expected 'cpp', 'cuda', 'cuda_emulated' or 'torch'")
     _C.pool_fold_layers(dtype_code, batch, tokens, weights.data_ptr(), labels.data_ptr(),
                         0 if out_rows is None else out_rows.data_ptr(), batch_index, flat, device, stream,
                         0 if batch_index_at is None else batch_index_at.data_ptr())

@@ -12,14 +12,29 @@ from conftest import DEVICES, requires_cuda
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def compiled_backend(device: str) -> str:
-    name = _kernels.backend(device)
+# Where the compiled kernels run: the CPU kernel, the CUDA kernel (on a GPU), and the CUDA kernel's own code
+# emulated on the CPU (csrc/cuda_emulation.h) — so that every CI run, which has no GPU, tests it too.
+EMULATED = pytest.param("cuda_emulated", marks=pytest.mark.skipif(
+    _kernels._C is not None and not _kernels._C.HAS_CUDA_EMULATION, reason="no CUDA emulator here (no ucontext)"))
+TARGETS = DEVICES + [EMULATED]
+
+
+def on(target: str) -> str:
+    """The device a target's tensors live on."""
+    return "cpu" if target == "cuda_emulated" else target
+
+
+def compiled_backend(target: str) -> str:
+    if target == "cuda_emulated":
+        return target
+    name = _kernels.backend(target)
     if name == "torch":
-        pytest.fail(f"no compiled kernel for {device}: the extension is missing or was built without it")
+        pytest.fail(f"no compiled kernel for {target}: the extension is missing or was built without it")
     return name
 
 
 def make_case(device, dtype, batch=13, tokens=11, dim=389, classes=4, layout="contiguous", seed=0):
+    device = on(device)
     g = torch.Generator().manual_seed(seed)
     full = (torch.randn(batch, tokens, dim + 3, generator=g) * 3 + 50).to(device=device, dtype=dtype)
     if layout == "contiguous":
@@ -53,7 +68,7 @@ def run(act, case, use, with_stats=True):
     return out, sums, sqnorms, int(nonfinite.item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
 def test_compiled_matches_reference(device, dtype, layout):
@@ -67,7 +82,7 @@ def test_compiled_matches_reference(device, dtype, layout):
     assert torch.all(actual[0][skipped_row] == 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("batch,tokens,dim", [(1, 1, 1), (2, 3, 511), (3, 2, 513), (5, 7, 4100)])
 def test_odd_sizes(device, batch, tokens, dim):
     act, case = make_case(device, torch.float32, batch=batch, tokens=tokens, dim=dim, classes=2, seed=batch)
@@ -78,13 +93,14 @@ def test_odd_sizes(device, batch, tokens, dim):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim,tokens", [(256, 3), (264, 37), (1000, 70)])
 @pytest.mark.parametrize("offset", [0, 8, 1])  # 0 and 8: 16-byte aligned rows (CUDA fast path); 1: not
 def test_fast_and_generic_paths_match_reference(device, dtype, dim, tokens, offset):
     act, case = make_case(device, dtype, batch=6, tokens=tokens, dim=dim, classes=3, seed=dim + tokens)
-    wide = torch.randn(6, tokens, dim + 8, generator=torch.Generator().manual_seed(offset)).to(device, dtype) * 3 + 50
+    g = torch.Generator().manual_seed(offset)
+    wide = torch.randn(6, tokens, dim + 8, generator=g).to(on(device), dtype) * 3 + 50
     wide[:, :, offset : offset + dim] = act
     act = wide[:, :, offset : offset + dim]
     expected = run(act, case, "torch")
@@ -94,7 +110,7 @@ def test_fast_and_generic_paths_match_reference(device, dtype, dim, tokens, offs
     assert actual[3] == expected[3] == _kernels.NO_BAD_BATCH
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("use", ["torch", "compiled"])
 def test_nan_in_padding_is_never_read_but_nan_in_tokens_is_reported(device, use):
     use = compiled_backend(device) if use == "compiled" else use
@@ -109,25 +125,25 @@ def test_nan_in_padding_is_never_read_but_nan_in_tokens_is_reported(device, use)
     assert bad == 5
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 4, 5])  # 4 and 5: the CPU's four-token loop, and its remainder
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_every_16_bit_value_is_widened_exactly(device, dtype, tokens, layout):
     """All 65,536 bit patterns (normals, subnormals, ±0, ±inf, NaNs) pooled from equal tokens come out as
     PyTorch's own conversion to float64: nothing is flushed, rounded or lost."""
+    use, device = compiled_backend(device), on(device)
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(128, 1, 512)
     act = values.expand(128, tokens, 512).contiguous().to(device)
     if layout == "transposed":  # hidden dimension not innermost: the generic (strided) paths
         act = act.transpose(1, 2).contiguous().transpose(1, 2)
     out = torch.full((128, 512), 7.0, dtype=torch.float64, device=device)
     weights = torch.ones(128, tokens, device=device)
-    _kernels.pool_fold(act, weights, out, labels=torch.zeros(128, dtype=torch.int64, device=device),
-                       use=compiled_backend(device))
+    _kernels.pool_fold(act, weights, out, labels=torch.zeros(128, dtype=torch.int64, device=device), use=use)
     torch.testing.assert_close(out.cpu(), values[:, 0].double(), rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 def test_pooling_without_statistics(device):
     act, case = make_case(device, torch.bfloat16)
     expected = run(act, case, "torch", with_stats=False)[0]
@@ -138,6 +154,7 @@ def test_pooling_without_statistics(device):
 def _layer_stack(device, dtype, count, batch=9, tokens=13, seed=1):
     """``count`` layers of one batch: different widths (fast and generic CUDA paths side by side),
     contiguous, sliced, transposed and misaligned activations, each with its own accumulators."""
+    device = on(device)
     g = torch.Generator().manual_seed(seed)
     layers = []
     for i in range(count):
@@ -177,7 +194,7 @@ def _fold_layer_stack(layers, weights, labels, out_rows, **kwargs):
                               [a["sqnorms"] for a in layers], [a["nonfinite"] for a in layers], **kwargs)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("count", [2, 7, 50])  # 50: more layers than one CUDA launch takes (48)
 def test_several_layers_in_one_call_match_the_reference_layer_by_layer(device, dtype, count):
@@ -205,7 +222,7 @@ def test_several_layers_in_one_call_match_the_reference_layer_by_layer(device, d
         assert int(a["nonfinite"].item()) == (4 if bad else _kernels.NO_BAD_BATCH)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TARGETS)
 @pytest.mark.parametrize("use", ["torch", "compiled"])
 @pytest.mark.parametrize("count", [1, 3])
 def test_batch_index_read_where_it_lies(device, use, count):
@@ -215,7 +232,7 @@ def test_batch_index_read_where_it_lies(device, use, count):
     layers, weights, labels, out_rows = _layer_stack(device, torch.float32, count)
     layers[-1]["act"] = layers[-1]["act"].clone()
     layers[-1]["act"][0, 0, 3] = float("nan")
-    at = torch.tensor([17], dtype=torch.int64, device=device)
+    at = torch.tensor([17], dtype=torch.int64, device=on(device))
     _fold_layer_stack(layers, weights, labels, out_rows, batch_index=4, use=use, batch_index_at=at)
     assert [int(a["nonfinite"].item()) for a in layers] == [_kernels.NO_BAD_BATCH] * (count - 1) + [17]
 
@@ -286,31 +303,33 @@ def _pool_fold_kernels_launched(fn):
     return {event.name for event in prof.events() if "pool_fold_kernel" in event.name}
 
 
-@requires_cuda
+@pytest.mark.parametrize("target", [pytest.param("cuda", marks=requires_cuda), EMULATED])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 7, 33, 257, 777])  # 777: groups of 32 tokens per warp, the last partial
-def test_both_cuda_paths_pool_every_token_count_like_the_reference(dtype, tokens):
+def test_both_cuda_paths_pool_every_token_count_like_the_reference(target, dtype, tokens):
     """Each warp loads its next 32 token weights at once and hands them out by shuffles: token counts
     around those groups, on the 16-byte path and on the generic path (the same values one element
     off 16-byte alignment), against the PyTorch reference; then against each other — they add the same
     tokens in the same order, so the pooled rows agree to the bit (class sums and squared norms up to
     the order of their float64 atomics). Also a stack of layers of both paths in one launch."""
-    act, case = make_case("cuda", dtype, batch=9, tokens=tokens, dim=264)  # 264: 16-byte loads in every dtype
-    misaligned = torch.empty(act.numel() + 1, dtype=dtype, device="cuda")[1:].view(act.shape)
+    use = compiled_backend(target)
+    act, case = make_case(target, dtype, batch=9, tokens=tokens, dim=264)  # 264: 16-byte loads in every dtype
+    misaligned = torch.empty(act.numel() + 1, dtype=dtype, device=act.device)[1:].view(act.shape)
     misaligned.copy_(act)
     expected = run(act, case, "torch")
     paths = {}
     for path, values, template_end in (("16-byte", act, ",true>"), ("generic", misaligned, ",false>")):
-        paths[path] = run(values, case, "cuda")
+        paths[path] = run(values, case, use)
         for got, want in zip(paths[path][:3], expected[:3]):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9, msg=lambda m: f"{path} path: {m}")
         assert paths[path][3] == _kernels.NO_BAD_BATCH
-        launched = _pool_fold_kernels_launched(lambda: run(values, case, "cuda"))  # <Storage, 16-byte loads>
-        assert launched and all(template_end in name.replace(" ", "") for name in launched), (path, launched)
+        if target == "cuda":  # which kernel ran (<Storage, 16-byte loads>): the profiler names CUDA launches
+            launched = _pool_fold_kernels_launched(lambda: run(values, case, use))
+            assert launched and all(template_end in name.replace(" ", "") for name in launched), (path, launched)
 
-    layers, weights, labels, out_rows = _layer_stack("cuda", dtype, 7, tokens=tokens)
+    layers, weights, labels, out_rows = _layer_stack(target, dtype, 7, tokens=tokens)
     reference = [{k: v.clone() for k, v in layer.items()} for layer in layers]
-    _fold_layer_stack(layers, weights, labels, out_rows, use="cuda")
+    _fold_layer_stack(layers, weights, labels, out_rows, use=use)
     _fold_layer_stack(reference, weights, labels, out_rows, use="torch")
     for i, (mine, theirs) in enumerate(zip(layers, reference)):
         for name in ("out", "sums", "sqnorms"):
