@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #define HSVFAST_MUL_ADD(a, b, c) std::fma((a), (b), (c))
@@ -36,7 +37,7 @@ namespace emulation {
 
 struct Fiber {
   ucontext_t context;
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // not zeroed: only the pages a fiber touches are ever mapped
   CudaIndex thread;
   bool done = false;
 };
@@ -98,7 +99,7 @@ inline void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int thre
   block.count = threads;
   warps = block_warps.data();
   block_barrier = &block;
-  for (auto& fiber : fibers) fiber.stack.resize(kStack);
+  for (auto& fiber : fibers) fiber.stack.reset(new char[kStack]);
   for (unsigned z = 0; z < grid_z; ++z) {
     for (unsigned y = 0; y < grid_y; ++y) {
       for (unsigned x = 0; x < grid_x; ++x) {
@@ -108,8 +109,8 @@ inline void run_grid(unsigned grid_x, unsigned grid_y, unsigned grid_z, int thre
           fiber.thread = CudaIndex{unsigned(t), 0, 0};
           fiber.done = false;
           getcontext(&fiber.context);
-          fiber.context.uc_stack.ss_sp = fiber.stack.data();
-          fiber.context.uc_stack.ss_size = fiber.stack.size();
+          fiber.context.uc_stack.ss_sp = fiber.stack.get();
+          fiber.context.uc_stack.ss_size = kStack;
           fiber.context.uc_link = &sched.home;
           makecontext(&fiber.context, [] {
             scheduler->body();
