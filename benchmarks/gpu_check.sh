@@ -9,8 +9,8 @@
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   (build, tests, memcheck, kernel timings and a smaller
 #                                                     BERT-large and Llama end-to-end runs: 3 min on an
 #                                                     H200 in run 7, when little device time is left)
-#   GPU_CHECK_CANDIDATE=benchmarks/candidates/<name>.patch GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh
-#                                                    (also checks and times a kernel change kept as a patch)
+#   GPU_CHECK_CANDIDATE="benchmarks/candidates/a.patch benchmarks/candidates/b.patch" GPU_CHECK_QUICK=1 \
+#     bash benchmarks/gpu_check.sh                   (also checks and times kernel changes kept as patches)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -29,19 +29,23 @@ within() {  # within CAP: sets T for `timeout`; false (the step is skipped) when
 }
 
 # A kernel change that no GPU has run yet waits as a patch in benchmarks/candidates/ (see its README): with
-# GPU_CHECK_CANDIDATE=<patch>, the last step builds the tree with it applied, runs the kernel tests against
-# the PyTorch reference and times the kernels beside the tables above.
+# GPU_CHECK_CANDIDATE="<patch> [<patch> ...]", the last steps build the tree with each applied, run the kernel
+# tests against the PyTorch reference and time the kernels beside the tables above.
+candidates() {
+  local patch
+  for patch in ${GPU_CHECK_CANDIDATE:-}; do candidate "$patch"; done
+}
 candidate() {
-  [ -n "${GPU_CHECK_CANDIDATE:-}" ] || return 0
-  step "candidate kernel: $GPU_CHECK_CANDIDATE"
-  local tree=/tmp/hsvfast-candidate
-  rm -rf "$tree" && cp -r "$REPO" "$tree" && (cd "$tree" && git apply "$REPO/$GPU_CHECK_CANDIDATE") || { status=1; return; }
+  step "candidate kernel: $1"
+  local tree=/tmp/hsvfast-candidate name
+  name=$(basename "$1" .patch)
+  rm -rf "$tree" && cp -r "$REPO" "$tree" && (cd "$tree" && git apply "$REPO/$1") || { status=1; return; }
   (cd "$tree" && HSVFAST_CUDA=ON HSVFAST_CUDA_ARCHITECTURES=90 python3 -m pip install --no-build-isolation --no-deps -q . \
-    >"$LOG/candidate_build.log" 2>&1) || { tail -30 "$LOG/candidate_build.log"; status=1; return; }
+    >"$LOG/candidate_${name}_build.log" 2>&1) || { tail -30 "$LOG/candidate_${name}_build.log"; status=1; return; }
   within 90 && { (cd /tmp && OMP_NUM_THREADS=2 timeout $T python3 -m pytest -q -p no:cacheprovider --rootdir "$tree" -c "$tree/pyproject.toml" \
-    $XDIST "$tree/tests/test_kernels.py" "$tree/tests/test_cuda.py" 2>&1 | tee "$LOG/candidate_tests.log" | tail -4) || status=1; }
+    $XDIST "$tree/tests/test_kernels.py" "$tree/tests/test_cuda.py" 2>&1 | tee "$LOG/candidate_${name}_tests.log" | tail -4) || status=1; }
   within 60 && { (cd /tmp && timeout $T python3 "$tree/benchmarks/kernels.py" --device cuda --dtypes float32,bfloat16,float16 2>&1 \
-    | tee "$LOG/candidate_kernels.md") || status=1; }
+    | tee "$LOG/candidate_${name}_kernels.md") || status=1; }
 }
 
 step "device"
@@ -95,7 +99,7 @@ if [ "${GPU_CHECK_QUICK:-0}" = 1 ]; then
   within 150 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/end_to_end.py" --device cuda --dtype bfloat16 \
     --model llama-1b-random --synthetic --examples 4096 --batch-size 64 --rounds 3 --skip paper,hand,hsvfast_e2e 2>&1 \
     | grep -v "Loading weights" | tee "$LOG/e2e_llama_1b_quick.md") || status=1; }
-  candidate
+  candidates
   step "done (quick), status $status"; exit $status
 fi
 
@@ -123,6 +127,6 @@ step "CUDA defaults, one at a time (BERT-base-size float32, host batches)"
 within 120 && { (cd /tmp && timeout $T python3 "$REPO/benchmarks/gpu_choices.py" --device cuda 2>&1 \
   | grep -v "Loading weights" | tee "$LOG/choices.md") || status=1; }
 
-candidate
+candidates
 step "done, status $status"
 exit $status
