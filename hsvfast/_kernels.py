@@ -117,13 +117,14 @@ def pool_fold(
         0 if sqnorms is None else sqnorms.data_ptr(), 0 if nonfinite is None else nonfinite.data_ptr(),
         batch_index,
     )
+    if which in ("cpp", "cuda_emulated") and not act.is_cpu:
+        raise ValueError(f"use={which!r} runs on the CPU: pass CPU tensors, not {act.device}")
     if which == "cpp":
         _C.pool_fold_cpu(*args)
     elif which == "cuda_emulated":  # the multi-layer entry with one layer: the emulator has no other
-        if not act.is_cpu:
-            raise ValueError("use='cuda_emulated' runs the CUDA kernel's code on the CPU: pass CPU tensors")
-        _C.pool_fold_layers(dtype_code, act.shape[0], act.shape[1], args[8], args[9], args[10], batch_index,
-                            [args[0], *args[4:8], *args[11:16]], _C.EMULATED_CUDA, 0)
+        weights_labels_rows = args[8:11]
+        layer = [args[0], *args[4:8], *args[11:16]]  # act, d, 3 strides, shift, out, sums, sqnorms, nonfinite
+        _C.pool_fold_layers(dtype_code, *act.shape[:2], *weights_labels_rows, batch_index, layer, _C.EMULATED_CUDA, 0)
     elif which == "cuda":
         index = act.get_device()
         _C.pool_fold_cuda(*args, index, _current_stream(index))
@@ -189,11 +190,11 @@ def pool_fold_layers(
     dtype_code = _DTYPE_CODES.get(dtype)
     if dtype_code is None:
         raise TypeError(f"activations of dtype {dtype} are not supported; use float32, float16 or bfloat16")
+    if which in ("cpp", "cuda_emulated") and not first.is_cpu:  # get_device() is -1 for meta tensors too
+        raise ValueError(f"use={which!r} runs on the CPU: pass CPU tensors, not {first.device}")
     if which == "cpp":
         device, stream = -1, 0
     elif which == "cuda_emulated":
-        if device != -1:
-            raise ValueError("use='cuda_emulated' runs the CUDA kernel's code on the CPU: pass CPU tensors")
         device, stream = _C.EMULATED_CUDA, 0
     elif which == "cuda":
         stream = _current_stream(device)

@@ -343,6 +343,17 @@ def test_both_cuda_paths_pool_every_token_count_like_the_reference(target, dtype
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("use", ["cpp", "cuda_emulated"])
+def test_the_host_kernels_take_cpu_tensors_only(use):
+    """Pointers of tensors elsewhere (meta here, whose device index reads -1 like the CPU's) are refused."""
+    act, case = make_case("meta", torch.float32)
+    with pytest.raises(ValueError, match="pass CPU tensors, not meta"):
+        run(act, case, use)
+    layers, weights, labels, out_rows = _layer_stack("meta", torch.float32, 2)
+    with pytest.raises(ValueError, match="pass CPU tensors, not meta"):
+        _fold_layer_stack(layers, weights, labels, out_rows, use=use)
+
+
 def test_rejects_unsupported_input():
     act = torch.zeros(2, 3, 4, dtype=torch.int32)
     out = torch.zeros(2, 4, dtype=torch.float64)
