@@ -54,13 +54,20 @@ def sst2_dev():
     return [r[0] for r in rows], [int(r[1]) for r in rows]
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture(params=["compiled", "torch", "cuda_emulated"])
 def kernel_backend(request, monkeypatch):
-    """Run a test once on the compiled kernels and once on the pure-PyTorch reference."""
+    """Run a test on the compiled kernels, on the pure-PyTorch reference, and on the CUDA kernel's code
+    emulated on the CPU (csrc/cuda_emulation.h) wherever CPU tensors are pooled."""
     from hsvfast import _kernels
 
     if request.param == "torch":
         monkeypatch.setattr(_kernels, "_FORCE_TORCH", True)
     elif _kernels.backend("cpu") != "cpp":
         pytest.fail("the compiled extension hsvfast._C is not importable")
+    elif request.param == "cuda_emulated":
+        if not _kernels._C.HAS_CUDA_EMULATION:
+            pytest.skip("no CUDA emulator here (no ucontext)")
+        choose = _kernels._backend_for
+        monkeypatch.setattr(_kernels, "_backend_for",
+                            lambda is_cpu, is_cuda: "cuda_emulated" if is_cpu else choose(is_cpu, is_cuda))
     return request.param
