@@ -39,7 +39,9 @@ candidate() {
   step "candidate kernel: $1"
   local tree=/tmp/hsvfast-candidate name
   name=$(basename "$1" .patch)
-  rm -rf "$tree" && cp -r "$REPO" "$tree" && (cd "$tree" && git apply "$REPO/$1") || { status=1; return; }
+  # A fresh copy without the main build's CMake cache (it names the other source folder).
+  rm -rf "$tree" && cp -r "$REPO" "$tree" && rm -rf "$tree/build" && (cd "$tree" && git apply "$REPO/$1") \
+    || { status=1; return; }
   (cd "$tree" && HSVFAST_CUDA=ON HSVFAST_CUDA_ARCHITECTURES=90 python3 -m pip install --no-build-isolation --no-deps -q . \
     >"$LOG/candidate_${name}_build.log" 2>&1) || { tail -30 "$LOG/candidate_${name}_build.log"; status=1; return; }
   within 90 && { (cd /tmp && OMP_NUM_THREADS=2 timeout $T python3 -m pytest -q -p no:cacheprovider --rootdir "$tree" -c "$tree/pyproject.toml" \
