@@ -13,7 +13,7 @@
 // atomics; a NaN/Inf lowers *nonfinite atomically. Nothing synchronises the host.
 //
 // Included by pool_fold_cuda.cu (nvcc) and by pool_fold_cuda_emulated.cpp, which runs this same code
-// on the CPU with one host thread per CUDA thread (cuda_emulation.h), so that CI without a GPU tests it.
+// on the CPU with one fiber per CUDA thread (cuda_emulation.h), so that CI without a GPU tests it.
 #pragma once
 
 #include <algorithm>
