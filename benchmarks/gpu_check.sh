@@ -9,8 +9,8 @@
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   (build, tests, memcheck, kernel timings and a smaller
 #                                                     BERT-large and Llama end-to-end runs: 3 min on an
 #                                                     H200 in run 7, when little device time is left)
-#   GPU_CHECK_CANDIDATE="benchmarks/candidates/a.patch benchmarks/candidates/b.patch" GPU_CHECK_QUICK=1 \
-#     bash benchmarks/gpu_check.sh                   (also checks and times kernel changes kept as patches)
+#   Either way it ends by checking and timing the kernel changes waiting in benchmarks/candidates/ (each
+#   ~1 min; GPU_CHECK_CANDIDATE="" skips them, GPU_CHECK_CANDIDATE="<patch> ..." picks some).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -28,12 +28,15 @@ within() {  # within CAP: sets T for `timeout`; false (the step is skipped) when
   if [ "$T" -lt 20 ]; then echo "skipped: ${left}s of the ${BUDGET}s budget left"; status=1; return 1; fi
 }
 
-# A kernel change that no GPU has run yet waits as a patch in benchmarks/candidates/ (see its README): with
-# GPU_CHECK_CANDIDATE="<patch> [<patch> ...]", the last steps build the tree with each applied, run the kernel
-# tests against the PyTorch reference and time the kernels beside the tables above.
+# A kernel change that no GPU has run yet waits as a patch in benchmarks/candidates/ (see its README): the
+# last steps build the tree with each applied, run the kernel tests against the PyTorch reference and time
+# the kernels beside the tables above. GPU_CHECK_CANDIDATE="<patch> ..." picks them (default: every
+# benchmarks/candidates/*.patch; empty: none).
 candidates() {
   local patch
-  for patch in ${GPU_CHECK_CANDIDATE:-}; do candidate "$patch"; done
+  for patch in ${GPU_CHECK_CANDIDATE-$(cd "$REPO" && ls benchmarks/candidates/*.patch 2>/dev/null)}; do
+    candidate "$patch"
+  done
 }
 candidate() {
   step "candidate kernel: $1"
