@@ -40,6 +40,7 @@ candidates() {
 }
 candidate() {
   step "candidate kernel: $1"
+  within 100 || return  # a copy, a build (~20 s), its tests and timings
   local tree=/tmp/hsvfast-candidate name
   name=$(basename "$1" .patch)
   # A fresh copy without the main build's CMake cache (it names the other source folder).
