@@ -40,16 +40,13 @@ void pool_fold_layers_cuda(const PoolFoldArgs& common, const LayerPointers* laye
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  LayersLaunch args;
-  args.common = common;
   cudaError_t launched = cudaSuccess;
   try {
-    for (int64_t first = 0; first < count && launched == cudaSuccess; first += kMaxLaunchLayers) {
-      const int64_t n = std::min<int64_t>(kMaxLaunchLayers, count - first);
-      for (int64_t i = 0; i < n; ++i) args.layer[i] = layers[first + i];
-      with_storage(common.dtype, [&](auto storage) { launch<decltype(storage)>(args, n, stream); });
+    for_each_launch(common, layers, count, [&](auto storage, const LayersLaunch& args, int64_t n) {
+      launch<decltype(storage)>(args, n, stream);
       launched = cudaGetLastError();
-    }
+      return launched == cudaSuccess;
+    });
   } catch (...) {
     if (previous != device) cudaSetDevice(previous);
     throw;

@@ -16,24 +16,19 @@ void pool_fold_layers_cuda_emulated(const PoolFoldArgs& common, const LayerPoint
   check_launch(common);
   static std::mutex one_grid_at_a_time;  // the emulator's state is global (callers release the GIL)
   std::lock_guard<std::mutex> lock(one_grid_at_a_time);
-  LayersLaunch args;
-  args.common = common;
-  for (int64_t first = 0; first < count; first += kMaxLaunchLayers) {
-    const int64_t n = std::min<int64_t>(kMaxLaunchLayers, count - first);
-    for (int64_t i = 0; i < n; ++i) args.layer[i] = layers[first + i];
-    with_storage(common.dtype, [&](auto storage) {
-      using Storage = decltype(storage);
-      const LaunchShape shape = launch_shape<Storage>(args, n);
-      if (shape.slices == 0) return;
-      emulation::run_grid(shape.slices, shape.batch, shape.layers, kThreads, [&] {
-        if (shape.vector) {
-          pool_fold_kernel<Storage, true>(args);
-        } else {
-          pool_fold_kernel<Storage, false>(args);
-        }
-      });
+  for_each_launch(common, layers, count, [](auto storage, const LayersLaunch& args, int64_t n) {
+    using Storage = decltype(storage);
+    const LaunchShape shape = launch_shape<Storage>(args, n);
+    if (shape.slices == 0) return true;
+    emulation::run_grid(shape.slices, shape.batch, shape.layers, kThreads, [&] {
+      if (shape.vector) {
+        pool_fold_kernel<Storage, true>(args);
+      } else {
+        pool_fold_kernel<Storage, false>(args);
+      }
     });
-  }
+    return true;
+  });
 }
 
 }  // namespace hsvfast

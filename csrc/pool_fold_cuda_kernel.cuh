@@ -254,5 +254,21 @@ void with_storage(DType dtype, F&& f) {
   }
 }
 
+// The launches of one call, kMaxLaunchLayers layers at most each: `launch(storage, args, n)` with a value
+// of the activations' storage type (as with_storage) and the parameters of layers [first, first + n); it
+// returns whether to go on.
+template <typename F>
+void for_each_launch(const PoolFoldArgs& common, const LayerPointers* layers, int64_t count, F&& launch) {
+  LayersLaunch args;
+  args.common = common;
+  for (int64_t first = 0; first < count; first += kMaxLaunchLayers) {
+    const int64_t n = std::min<int64_t>(kMaxLaunchLayers, count - first);
+    for (int64_t i = 0; i < n; ++i) args.layer[i] = layers[first + i];
+    bool more = true;
+    with_storage(common.dtype, [&](auto storage) { more = launch(storage, args, n); });
+    if (!more) return;
+  }
+}
+
 }  // namespace
 }  // namespace hsvfast
