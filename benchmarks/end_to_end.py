@@ -309,12 +309,12 @@ def main() -> None:
         methods["hsvfast.score, eager, a launch per layer"] = launch_per_layer(ours(**eager))
         # The mode many-class tasks run in (one class-balanced matrix per layer, updated every batch);
         # the counts must be those of the batches scored, and warm_up runs every method on two batches only.
-        all_counts = collections.Counter(label for b in batches for label in b["labels"].tolist())
-        all_batches = len(batches)
+        def label_counts(of):
+            return collections.Counter(label for b in of for label in b["labels"].tolist())
+        all_counts, all_batches = label_counts(batches), len(batches)
 
         def with_class_counts():
-            counts = all_counts if len(batches) == all_batches else collections.Counter(
-                label for b in batches for label in b["labels"].tolist())
+            counts = all_counts if len(batches) == all_batches else label_counts(batches)
             return ours(class_counts=counts, **eager)()
         methods["hsvfast.score, eager, class_counts given"] = with_class_counts
     if graphs:
