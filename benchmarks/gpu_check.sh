@@ -9,8 +9,9 @@
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   (build, tests, memcheck, kernel timings and a smaller
 #                                                     BERT-large and Llama end-to-end runs: 3 min on an
 #                                                     H200 in run 7, when little device time is left)
-#   Either way it ends by checking and timing the kernel changes waiting in benchmarks/candidates/ (each
-#   ~1 min; GPU_CHECK_CANDIDATE="" skips them, GPU_CHECK_CANDIDATE="<patch> ..." picks some).
+#   Either way it ends by checking and timing the kernel changes waiting in benchmarks/candidates/, in the
+#   order their names number them (each ~1 min; GPU_CHECK_CANDIDATE="" skips them,
+#   GPU_CHECK_CANDIDATE="<patch> ..." picks some).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
