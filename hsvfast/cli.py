@@ -202,6 +202,17 @@ def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
         print(f"wrote {plot}")
 
 
+def describe_classes(counts: dict, listed: int = 10) -> str:
+    """The examples per class for a one-line summary: every class when there are at most `listed`, else
+    their number and range (a 77-class task would fill the screen)."""
+    if len(counts) <= listed:
+        return f"classes {counts}"
+    (small_label, smallest), (large_label, largest) = (min(counts.items(), key=lambda kv: kv[1]),
+                                                       max(counts.items(), key=lambda kv: kv[1]))
+    return (f"{len(counts)} classes, {smallest:,}–{largest:,} examples each "
+            f"(fewest: {small_label!r}, most: {large_label!r})")
+
+
 def _print_sample_note(report) -> None:
     if report.sample_note:
         print(f"Note: {report.sample_note}")
@@ -216,7 +227,7 @@ def run_demo(args: argparse.Namespace) -> int:
                            task="demo sentiment sample", model_name=display_name(args.model))
     elapsed = time.perf_counter() - began
     print(f"hsvfast {report.version} ({report.backend}) — {report.model_name} on the demo sentiment sample: "
-          f"{report.num_examples} sentences, classes {report.class_counts}, {elapsed:.1f} s\n")
+          f"{report.num_examples} sentences, {describe_classes(report.class_counts)}, {elapsed:.1f} s\n")
     print(report.to_markdown())
     print(f"\nBest layer (lowest ν): {report.best_layer}. Put the classifier there and drop the layers above it.")
     _print_sample_note(report)
@@ -300,8 +311,9 @@ def run_score(args: argparse.Namespace) -> int:
         report.stats.info.update(task=report.task)
         report.stats.save(args.save_stats)
         print(f"wrote {args.save_stats}")
+    skipped = f", {report.num_skipped} skipped" if report.num_skipped else ""
     print(f"\n{report.model_name} on {', '.join(args.data)}: {report.num_examples:,} examples, "
-          f"classes {report.class_counts}" + (f", {report.num_skipped} skipped" if report.num_skipped else ""))
+          f"{describe_classes(report.class_counts)}{skipped}")
     _show(report, args.out, args.plot)
     return 0
 
@@ -412,8 +424,8 @@ def run_merge(args: argparse.Namespace) -> int:
     check_writable(output=args.output, report=args.report, plot=args.plot)
     merged = hsvfast.merge(args.files)
     merged.save(args.output)
-    print(f"merged {len(args.files)} files: {merged.num_examples:,} examples, classes "
-          f"{dict(zip(merged.labels, merged.counts.tolist()))} → {args.output}")
+    print(f"merged {len(args.files)} files: {merged.num_examples:,} examples, "
+          f"{describe_classes(dict(zip(merged.labels, merged.counts.tolist())))} → {args.output}")
     if args.report or args.plot:
         report = hsvfast.report_from(merged)
         print(report.to_markdown())
@@ -469,21 +481,30 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data", required=True, nargs="+", metavar="FILE",
                        help="CSV, TSV, JSON Lines or Parquet file; several of one format (or a quoted glob pattern "
                             "like 'shards/*.jsonl') are read as one corpus")
-    score.add_argument("--text-column", help="name (or 0-based position with --no-header)")
-    score.add_argument("--text-pair-column", help="second sentence of pairs (MRPC, RTE, QNLI)")
-    score.add_argument("--label-column")
+    score.add_argument("--text-column", help="name (or 0-based position with --no-header); default: the first "
+                                              "of sentence, text, sentence1, question, tweet … the file has")
+    score.add_argument("--text-pair-column", help="second sentence of pairs (MRPC, RTE, QNLI); default: the text "
+                                                   "column's partner when the file has it (sentence2 for "
+                                                   "sentence1, sentence for question, hypothesis for premise …)")
+    score.add_argument("--label-column", help="name or position, as --text-column; default: the first of label, "
+                                               "labels, class, category … the file has")
     score.add_argument("--no-header", action="store_true", help="the file has no header row")
     score.add_argument("--delimiter", help="field separator of delimited text ('tab' for a tab); default: tab for "
                                            ".tsv/.txt, comma for .csv, guessed from the first lines otherwise")
-    score.add_argument("--pooling", default="mean", choices=("mean", "mean_all", "first", "last"))
+    score.add_argument("--pooling", default="mean", choices=("mean", "mean_all", "first", "last"),
+                       help="tokens pooled per sequence: mean over non-special tokens (the paper's; default), "
+                            "mean over all attended tokens, the first ([CLS]) or the last attended token")
     score.add_argument("--layers", help="comma-separated block indices (negative from the top); default all")
-    score.add_argument("--max-length", type=_positive_int, default=128)
-    score.add_argument("--batch-size", type=_positive_int, default=64)
+    score.add_argument("--max-length", type=_positive_int, default=128,
+                       help="tokens per sequence; longer ones are truncated (default 128)")
+    score.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per batch (default 64)")
     score.add_argument("--limit", type=_positive_int,
-                       help="score N rows drawn at random (file order kept; see --seed); every row when there are no more")
+                       help="score N rows drawn at random (file order kept; see --seed); every row when there are "
+                            "no more")
     score.add_argument("--seed", type=int, default=0, help="seed of the rows --limit draws (default 0)")
     score.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cpu)")
-    score.add_argument("--dtype", default="float32", choices=DTYPES)
+    score.add_argument("--dtype", default="float32", choices=DTYPES,
+                       help="the model's weights and activations (default float32); statistics are float64 always")
     score.add_argument("--out", help="write the JSON report here")
     score.add_argument("--plot", help="write a PNG plot here")
     score.add_argument("--quiet", action="store_true", help="no progress bar")

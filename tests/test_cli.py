@@ -768,3 +768,12 @@ def test_bad_suite_files(tmp_path):
         load_suite(write(tmp_path / "s.toml", '[[task]]\nname = "x"\n'))
     with pytest.raises(ValueError, match="not valid TOML"):
         load_suite(write(tmp_path / "t.toml", "[[task]\n"))
+
+
+def test_many_classes_are_summarised_on_the_summary_line():
+    few = {"neg": 3, "pos": 5}
+    assert cli.describe_classes(few) == "classes {'neg': 3, 'pos': 5}"
+    many = {f"intent_{i}": 10 + i for i in range(77)}
+    many["rare"] = 2
+    line = cli.describe_classes(many)
+    assert line == "78 classes, 2–86 examples each (fewest: 'rare', most: 'intent_76')"
