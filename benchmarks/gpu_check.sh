@@ -35,10 +35,15 @@ within() {  # within CAP: sets T for `timeout`; false (the step is skipped) when
 # the kernels beside the tables above. GPU_CHECK_CANDIDATE="<patch> ..." picks them (default: every
 # benchmarks/candidates/*.patch; empty: none).
 candidates() {
-  local patch
+  local patch tried=0
   for patch in ${GPU_CHECK_CANDIDATE-$(cd "$REPO" && ls benchmarks/candidates/*.patch 2>/dev/null)}; do
-    candidate "$patch"
+    candidate "$patch"; tried=1
   done
+  # One table: each candidate's kernel/copy beside the kept kernel's, and whether it is worth applying.
+  if [ "$tried" = 1 ]; then
+    step "candidates against the kept kernel"
+    python3 "$REPO/benchmarks/compare_candidates.py" "$LOG" | tee "$LOG/candidates.md"
+  fi
 }
 candidate() {
   step "candidate kernel: $1"
