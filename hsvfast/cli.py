@@ -284,8 +284,20 @@ def torchrun_read_folder() -> str:
     return os.path.join(tempfile.gettempdir(), "hsvfast-read-" + hashlib.sha256(job.encode()).hexdigest()[:16])
 
 
+def cpu_by_default_note(device: Optional[str]) -> Optional[str]:
+    """A line for the user who scores on the CPU without asking to while a CUDA device sits idle."""
+    import torch
+
+    if device is None and torch.cuda.is_available():
+        return "hsvfast: scoring on the CPU (the default); a CUDA device is available: --device cuda scores on it"
+    return None
+
+
 def run_score(args: argparse.Namespace) -> int:
     check_writable(out=args.out, plot=args.plot, save_stats=args.save_stats, checkpoint=args.checkpoint)
+    note = cpu_by_default_note(args.device)
+    if note and torchrun_world()[0] == 0:
+        print(note, file=sys.stderr)
 
     def column(value):
         return int(value) if value is not None and value.lstrip("-").isdigit() else value

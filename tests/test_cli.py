@@ -777,3 +777,11 @@ def test_many_classes_are_summarised_on_the_summary_line():
     many["rare"] = 2
     line = cli.describe_classes(many)
     assert line == "78 classes, 2–86 examples each (fewest: 'rare', most: 'intent_76')"
+
+
+def test_a_cpu_run_by_default_says_so_when_a_gpu_is_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "--device cuda" in cli.cpu_by_default_note(None)
+    assert cli.cpu_by_default_note("cpu") is None  # asked for: no note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.cpu_by_default_note(None) is None
