@@ -55,11 +55,18 @@ def find_cuobjdump(given: str | None) -> str:
     candidates.append(os.path.join(cuda_home, "bin", "cuobjdump"))
     # pip's nvidia-cuda-cuobjdump wheel: site-packages/nvidia/cu*/bin/cuobjdump
     candidates += sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "*", "bin", "cuobjdump")))
+    without_nvdisasm = None
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    sys.exit("sass_loop.py: no cuobjdump found; install the CUDA toolkit's, `pip install nvidia-cuda-cuobjdump`, "
-             "or pass --cuobjdump PATH")
+            # cuobjdump -sass runs nvdisasm, from beside it or from PATH
+            if os.access(os.path.join(os.path.dirname(path), "nvdisasm"), os.X_OK) or shutil.which("nvdisasm"):
+                return path
+            without_nvdisasm = without_nvdisasm or path
+    if without_nvdisasm:
+        sys.exit(f"sass_loop.py: {without_nvdisasm} needs nvdisasm beside it or on PATH "
+                 "(pip install nvidia-cuda-nvdisasm)")
+    sys.exit("sass_loop.py: no cuobjdump found; install the CUDA toolkit's, `pip install nvidia-cuda-cuobjdump "
+             "nvidia-cuda-nvdisasm`, or pass --cuobjdump PATH")
 
 
 def kernel_label(mangled: str) -> str:
@@ -82,7 +89,7 @@ def compile_and_read(csrc: Path, cuobjdump: str, arch: str) -> list[Loop]:
         env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + os.pathsep + os.environ.get("PATH", ""))
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, env=env)
         if sass.returncode:
-            sys.exit(f"cuobjdump failed: {sass.stderr.strip()} (pip install nvidia-cuda-nvdisasm)")
+            sys.exit(f"cuobjdump failed: {sass.stderr.strip()}")
     resources = parse_ptxas(build.stderr)
     loops = []
     for mangled, instructions in parse_sass(sass.stdout).items():
