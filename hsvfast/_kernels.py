@@ -122,9 +122,11 @@ def pool_fold(
     if which == "cpp":
         _C.pool_fold_cpu(*args)
     elif which == "cuda_emulated":  # the multi-layer entry with one layer: the emulator has no other
-        weights_labels_rows = args[8:11]
-        layer = [args[0], *args[4:8], *args[11:16]]  # act, d, 3 strides, shift, out, sums, sqnorms, nonfinite
-        _C.pool_fold_layers(dtype_code, *act.shape[:2], *weights_labels_rows, batch_index, layer, _C.EMULATED_CUDA, 0)
+        (act_ptr, _, batch, tokens, dim, stride_b, stride_t, stride_d, weights_ptr, labels_ptr, rows_ptr,
+         shift_ptr, out_ptr, sums_ptr, sqnorms_ptr, nonfinite_ptr, _) = args
+        layer = [act_ptr, dim, stride_b, stride_t, stride_d, shift_ptr, out_ptr, sums_ptr, sqnorms_ptr, nonfinite_ptr]
+        _C.pool_fold_layers(dtype_code, batch, tokens, weights_ptr, labels_ptr, rows_ptr, batch_index, layer,
+                            _C.EMULATED_CUDA, 0)
     elif which == "cuda":
         index = act.get_device()
         _C.pool_fold_cuda(*args, index, _current_stream(index))

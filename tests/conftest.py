@@ -12,6 +12,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _no_cuda_emulator() -> bool:
+    """The extension was built where ucontext is missing (the CUDA kernel's emulator then throws)."""
+    from hsvfast import _kernels
+
+    return _kernels._C is not None and not _kernels._C.HAS_CUDA_EMULATION
+
+
+NO_CUDA_EMULATOR = _no_cuda_emulator()
+NO_CUDA_EMULATOR_REASON = "no CUDA emulator here (no ucontext)"
+
+
 def assert_same_statistics(a, b, rtol: float = 1e-12, atol: "float | None" = None) -> None:
     """Two hsvfast Statistics hold the same classes, counts and moments: to ``rtol`` (and ``atol``,
     relative to each tensor's largest entry + 1; default ``rtol``) — rtol=0: bit for bit."""
@@ -65,8 +76,8 @@ def kernel_backend(request, monkeypatch):
     elif _kernels.backend("cpu") != "cpp":
         pytest.fail("the compiled extension hsvfast._C is not importable")
     elif request.param == "cuda_emulated":
-        if not _kernels._C.HAS_CUDA_EMULATION:
-            pytest.skip("no CUDA emulator here (no ucontext)")
+        if NO_CUDA_EMULATOR:
+            pytest.skip(NO_CUDA_EMULATOR_REASON)
         choose = _kernels._backend_for
         monkeypatch.setattr(_kernels, "_backend_for",
                             lambda is_cpu, is_cuda: "cuda_emulated" if is_cpu else choose(is_cpu, is_cuda))

@@ -7,15 +7,14 @@ import torch
 
 import hsvfast
 from hsvfast import _kernels
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, NO_CUDA_EMULATOR, NO_CUDA_EMULATOR_REASON, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # Where the compiled kernels run: the CPU kernel, the CUDA kernel (on a GPU), and the CUDA kernel's own code
 # emulated on the CPU (csrc/cuda_emulation.h) — so that every CI run, which has no GPU, tests it too.
-EMULATED = pytest.param("cuda_emulated", marks=pytest.mark.skipif(
-    _kernels._C is not None and not _kernels._C.HAS_CUDA_EMULATION, reason="no CUDA emulator here (no ucontext)"))
+EMULATED = pytest.param("cuda_emulated", marks=pytest.mark.skipif(NO_CUDA_EMULATOR, reason=NO_CUDA_EMULATOR_REASON))
 TARGETS = DEVICES + [EMULATED]
 
 
