@@ -113,7 +113,7 @@ def parse_ptxas(log: str) -> dict[str, tuple[int, int]]:
 
 
 def parse_sass(sass: str) -> dict[str, list[tuple[int, str]]]:
-    """(address, instruction without predicate guard or operands' comments) per kernel."""
+    """(address, instruction text with its predicate guard, without the encoding comment) per kernel."""
     kernels: dict[str, list[tuple[int, str]]] = {}
     current = None
     for line in sass.splitlines():
@@ -149,18 +149,18 @@ def token_loop(label: str, instructions: list[tuple[int, str]], registers: int, 
         target = int(m.group(1), 16)
         if target >= address:
             continue
-        listing = [f"{a:#06x}  {t}" for a, t in instructions if target <= a <= address]
-        body = [opcode(t) for a, t in instructions if target <= a <= address]
+        span = [(a, t) for a, t in instructions if target <= a <= address]
+        body = [opcode(t) for _, t in span]
         if any(op.startswith(("BAR", "EXIT")) for op in body):  # a branch back around the epilogue, not the loop
             continue
         loads = sum(loaded_bytes(op) for op in body)
         if best is None or (loads, -len(body)) > (best[0], -len(best[1])):
-            best = (loads, body, listing)
+            best = (loads, body, span)
     if best is None:
         return Loop(label, registers, spills, 0, 0, collections.Counter(), [])
-    loads, body, listing = best
+    loads, body, span = best
     return Loop(label, registers, spills, len(body), loads, collections.Counter(op.split(".")[0] for op in body),
-                listing)
+                [f"{a:#06x}  {t}" for a, t in span])
 
 
 def table(name: str, loops: list[Loop]) -> str:
