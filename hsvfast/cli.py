@@ -550,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="turn a JSON report into a plan (head layer, tuned/frozen/dropped)")
     plan.add_argument("report")
-    plan.add_argument("--num-tuned", type=int, default=2)
+    plan.add_argument("--num-tuned", type=int, default=None,
+                      help="layers tuned, ending at the head layer (default: 2, or 1 when the head is layer 0)")
     plan.add_argument("--rule", default="argmin", choices=("argmin", "earliest"))
     plan.add_argument("--tolerance", type=float, default=0.05, help="for --rule earliest (relative)")
     plan.add_argument("--out", help="plan JSON (default: REPORT.plan.json)")

@@ -37,8 +37,9 @@ def helmert_basis(num_classes: int, dtype=torch.float64, device=None) -> torch.T
     return q.to(device)
 
 
-def check_metric_names(names: Sequence[str]) -> List[str]:
-    names = list(dict.fromkeys(names))
+def check_metric_names(names: "str | Sequence[str]") -> List[str]:
+    """The metric names asked for, in order, once each; a single name may be given as a string."""
+    names = list(dict.fromkeys([names] if isinstance(names, str) else names))
     unknown = [n for n in names if n not in LOWER_IS_BETTER]
     if unknown or not names:
         raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(LOWER_IS_BETTER)}")

@@ -68,31 +68,50 @@ class Plan:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+#: Layers tuned when ``plan`` is not told how many (fewer where the head layer has fewer at and below it).
+DEFAULT_NUM_TUNED = 2
+
+
 def plan(
     report: Report,
-    num_tuned: int = 2,
+    num_tuned: Optional[int] = None,
     rule: str = "argmin",
     tolerance: float = 0.05,
     model: Optional[nn.Module] = None,
 ) -> Plan:
-    """Turn a :class:`Report` into a :class:`Plan` (see the module docstring for the rules)."""
+    """Turn a :class:`Report` into a :class:`Plan` (see the module docstring for the rules).
+
+    Args:
+        report: scores with ``"variability"`` (from :func:`hsvfast.score`).
+        num_tuned: layers to tune, ending at the head layer. Default: 2, or 1 when the head is layer 0.
+            A number given is kept exactly (more than the head layer has at and below it is an error).
+        rule: ``"argmin"`` or ``"earliest"``.
+        tolerance: for ``"earliest"``, the relative distance from the minimum ν a layer may have.
+        model: the model the report scored; when given, ``trainable_parameters`` is counted.
+    """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance must be a finite number >= 0 (a relative distance from the minimum ν), "
+                         f"got {tolerance!r}")
+    if num_tuned is not None and (isinstance(num_tuned, bool) or not isinstance(num_tuned, int) or num_tuned < 0):
+        raise ValueError(f"num_tuned must be a non-negative integer (or None for the default), got {num_tuned!r}")
     if "variability" not in report.metrics:
         raise ValueError("the report has no 'variability' scores to plan from")
     scored = [(v, layer) for v, layer in zip(report.metrics["variability"], report.layers) if not math.isnan(v)]
     if not scored:
         raise ValueError("no layer has a defined variability")
     best = min(v for v, _ in scored)
+    if best == math.inf:
+        raise ValueError("ν is inf at every scored layer: no layer separates the classes (their means coincide), "
+                         "so there is no layer to put the classifier on. Check the labels and the pooling.")
     if rule == "argmin":
         head = min(scored)[1]
     else:
-        if tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         head = min(layer for v, layer in scored if v <= best * (1 + tolerance))
     num_blocks = report.num_blocks or max(report.layers) + 1
-    if not isinstance(num_tuned, int) or num_tuned < 0:
-        raise ValueError(f"num_tuned must be a non-negative integer, got {num_tuned!r}")
+    if num_tuned is None:
+        num_tuned = min(DEFAULT_NUM_TUNED, head + 1)
     if num_tuned > head + 1:
         raise ValueError(
             f"num_tuned={num_tuned} is more than the {head + 1} layers at and below the head layer {head}; "

@@ -48,7 +48,7 @@ def score(
     autocast: Optional[bool] = None,
     checkpoint: "str | os.PathLike | None" = None,
     checkpoint_every: int = 1000,
-    metrics: Optional[Sequence[str]] = None,
+    metrics: "str | Sequence[str] | None" = None,
     cuda_graphs: "bool | str" = "auto",
 ) -> Report:
     """Score every requested layer of ``model`` on a labelled corpus in one forward pass.
@@ -84,7 +84,7 @@ def score(
             during the copy: for a moment up to 1.5× the new size (at a doubling).
         autocast: run the forward under bfloat16 autocast. Default: on for a float32
             model on CUDA (tensor cores; the statistics stay float64), off elsewhere.
-        metrics: which metrics to compute (default ``["variability", "trace_ratio"]``);
+        metrics: which metrics to compute (default ``["variability", "trace_ratio"]``; one may be named as a string);
             see ``hsvfast.metrics.LOWER_IS_BETTER`` for all and their directions. Only what
             the selected metrics need is accumulated (``["trace_ratio"]`` alone: O(C·d)).
         cuda_graphs: replay each batch's forward (and pooling) from a CUDA graph, one per batch

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .classifier import Classifier
-from .layers import encoder_of
+from .layers import encoder_of, find_blocks, layer_modules
 from .planning import Plan
 from .surgery import add_adapters, freeze, truncate
 
@@ -32,11 +32,16 @@ def apply(model: nn.Module, plan: Plan, num_labels: int, method: str = "finetune
     * ``"lora"`` — LoRA (PEFT) on the tuned layers.
 
     An encoder-decoder model (T5, BART) was scored on its encoder's layers: the classifier goes on
-    the encoder, and the decoder is left out.
+    the encoder, and the decoder is left out. A model whose depth is not the plan's ``num_blocks``
+    (another model, or one already truncated) is refused.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     model = encoder_of(model)
+    depth = len(layer_modules(model, find_blocks(model)))
+    if depth != plan.num_blocks:  # the plan's layer indices are another model's
+        raise ValueError(f"the plan was made for a model with {plan.num_blocks} blocks, and this {type(model).__name__} "
+                         f"has {depth}: apply a plan to a fresh copy of the model that was scored")
     truncate(model, plan.head_layer)
     if method == "finetune":
         freeze(model, plan.tuned_layers, train_norms=train_norms)

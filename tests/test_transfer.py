@@ -59,14 +59,26 @@ def test_plan_counts_trainable_parameters_and_round_trips(tmp_path):
     assert hsvfast.plan(report_again, num_tuned=1).head_layer == p.head_layer
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"num_tuned": 3}, "num_tuned=3 is more than the 2 layers"),
-    ({"rule": "best"}, "unknown rule 'best'"),
-    ({"num_tuned": -1}, "non-negative"),
+def test_plan_tunes_two_layers_by_default_or_all_there_are_below_the_head():
+    assert hsvfast.plan(fake_report([2.0, 1.0, 3.0, 4.0])).tuned_layers == [0, 1]
+    head_first = hsvfast.plan(fake_report([0.5, 1.0, 3.0, 4.0]))
+    assert (head_first.head_layer, head_first.tuned_layers, head_first.frozen_layers) == (0, [0], [])
+    assert hsvfast.plan(fake_report([0.5, 1.0, 3.0, 4.0]), num_tuned=0).tuned_layers == []
+
+
+@pytest.mark.parametrize("values,kwargs,match", [
+    ([2.0, 1.0, 3.0, 4.0], {"num_tuned": 3}, "num_tuned=3 is more than the 2 layers"),
+    ([2.0, 1.0, 3.0, 4.0], {"rule": "best"}, "unknown rule 'best'"),
+    ([2.0, 1.0, 3.0, 4.0], {"num_tuned": -1}, "non-negative"),
+    ([2.0, 1.0, 3.0, 4.0], {"num_tuned": 2.0}, "non-negative integer"),
+    ([2.0, 1.0, 3.0, 4.0], {"rule": "earliest", "tolerance": math.nan}, "tolerance must be a finite number"),
+    ([2.0, 1.0, 3.0, 4.0], {"tolerance": -0.1}, "tolerance must be a finite number"),
+    ([math.inf] * 4, {}, "inf at every scored layer"),
+    ([math.nan] * 4, {}, "no layer has a defined variability"),
 ])
-def test_plan_refuses_bad_arguments(kwargs, match):
+def test_plan_refuses_bad_arguments(values, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        hsvfast.plan(fake_report([2.0, 1.0, 3.0, 4.0]), **kwargs)
+        hsvfast.plan(fake_report(values), **kwargs)
 
 
 def test_plan_file_must_be_a_plan(tmp_path):
@@ -176,6 +188,11 @@ def test_apply_refuses_unknown_method_and_kind():
     p = hsvfast.plan(fake_report([3.0, 1.0, 2.0, 2.5], num_blocks=DEPTH), num_tuned=1)
     with pytest.raises(ValueError, match="unknown method 'prune'"):
         hsvfast.apply(tiny_model("bert"), p, num_labels=2, method="prune")
+    deeper = hsvfast.plan(fake_report([3.0, 1.0, 2.0, 2.5, 2.6, 2.7], num_blocks=DEPTH + 2), num_tuned=1)
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=f"made for a model with {DEPTH + 2} blocks.*has {DEPTH}"):
+        hsvfast.apply(model, deeper, num_labels=2)  # head layer 1 exists here too, but it is another model's layer
+    assert len(hsvfast.find_blocks(model)) == DEPTH  # refused before any change
     with pytest.raises(ValueError, match="unknown adapter kind"):
         hsvfast.add_adapters(tiny_model("bert"), [0], kind="parallel")
 

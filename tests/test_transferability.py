@@ -72,6 +72,8 @@ def test_score_selects_metrics_and_refuses_unknown_or_impossible_ones():
     assert list(report.metrics) == ["logme", "variability", "gbc"]
     only_trace = hsvfast.score(model, batches, metrics=["trace_ratio"])
     assert only_trace.stats.mode == "trace" and list(only_trace.metrics) == ["trace_ratio"]
+    one_named = hsvfast.score(model, batches, metrics="trace_ratio")  # a single name as a string, not its letters
+    assert one_named.metrics == only_trace.metrics
     with pytest.raises(ValueError, match="unknown metrics \\['accuracy'\\]"):
         hsvfast.score(model, batches, metrics=["accuracy"])
     labels = np.concatenate([b["labels"].numpy() for b in batches])
