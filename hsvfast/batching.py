@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .data import TextColumn
+from .statistics import normalise_labels
 
 
 @dataclass
@@ -70,8 +71,15 @@ class BucketedBatches:
             raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} second sentences")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("max_length", max_length), ("chunk_batches", chunk_batches)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # Below this a tokenizer does not truncate at all (it cannot drop its own special tokens).
+        special = tokenizer.num_special_tokens_to_add(pair=text_pairs is not None)
+        if max_length <= special:
+            raise ValueError(f"max_length={max_length} leaves no room for text: the tokenizer adds {special} special "
+                             f"tokens to each {'pair' if text_pairs is not None else 'text'}; pass max_length > "
+                             f"{special} (the paper uses 128)")
         # A TextColumn (read_labelled_text) is kept as it is: compact, all strings, turned into Python
         # strings a chunk at a time. Anything else is copied (later changes to it do not matter) and checked.
         texts, text_pairs = (column if isinstance(column, TextColumn) or column is None else list(column)
@@ -81,7 +89,8 @@ class BucketedBatches:
                 bad = next((i for i, text in enumerate(column) if not isinstance(text, str)), None)
                 if bad is not None:
                     raise TypeError(f"{name}[{bad}] is {column[bad]!r}, not a string: drop or fill missing texts first")
-        self.texts, self.labels, self.text_pairs = texts, list(labels), text_pairs
+        # Checked now, not mid-pass: float (regression), multi-label and missing (None) labels are refused.
+        self.texts, self.labels, self.text_pairs = texts, normalise_labels(labels), text_pairs
         self.tokenizer = tokenizer
         self.batch_size, self.max_length, self.chunk_size = batch_size, max_length, batch_size * chunk_batches
         self.padding = PaddingStats()
@@ -120,9 +129,7 @@ class BucketedBatches:
         pre-pass, chunk by chunk (nothing is kept). Texts with no token to pool (under ``"mean"``, an
         empty text is only special tokens) are skipped by ``score`` and not counted, so the result
         can be passed as ``class_counts``. ``progress`` shows a bar over the chunks."""
-        from .statistics import normalise_labels
-
-        labels = normalise_labels(self.labels)
+        labels = self.labels
         counts: Dict[Hashable, int] = {}
         chunks = self._chunks()
         if progress:

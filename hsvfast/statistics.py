@@ -863,7 +863,11 @@ def normalise_labels(labels: Any) -> List[Hashable]:
         raise ValueError(_MULTI_LABELS.format(shape=array.shape))
     if array.dtype.kind in "biu":
         return array.reshape(-1).tolist()
-    return [_normalise_label(label) for label in labels]
+    normalised = [_normalise_label(label) for label in labels]
+    if None in normalised:  # a missing label (a dataset's unlabelled rows) is no class
+        raise ValueError(f"label None at position {normalised.index(None)}: examples without a label cannot be "
+                         "scored; drop them (or fill their labels) first")
+    return normalised
 
 
 _MULTI_LABELS = (

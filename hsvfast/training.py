@@ -14,6 +14,7 @@ from torch import nn
 from .classifier import Classifier
 from .layers import encoder_of, find_blocks, layer_modules
 from .planning import Plan
+from .storage import write_atomically
 from .surgery import add_adapters, freeze, truncate
 
 METHODS = ("finetune", "adapter", "lora")
@@ -69,6 +70,8 @@ def evaluate(classifier: Classifier, loader: Iterable[Dict[str, Any]], device: t
             inputs = {k: batch[k].to(device) for k in _MODEL_KEYS if k in batch}
             predictions.append(classifier(**inputs).logits.argmax(-1).cpu())
             truth.append(torch.as_tensor(batch["labels"]))
+    if not predictions:
+        raise ValueError("the evaluation loader has no batches")
     predicted, expected = torch.cat(predictions).numpy(), torch.cat(truth).numpy()
     return {"accuracy": float((predicted == expected).mean()), "mcc": _matthews(predicted, expected)}
 
@@ -121,6 +124,13 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if metric not in ("accuracy", "mcc"):  # anything else would silently keep the last epoch
         raise ValueError(f"metric must be 'accuracy' or 'mcc' (what evaluate computes), got {metric!r}")
+    try:
+        steps = epochs * len(train_loader)  # the schedule's length
+    except TypeError:
+        raise TypeError(f"train_loader must have a length and be readable once per epoch (a list of batches or a "
+                        f"DataLoader), got a {type(train_loader).__name__}") from None
+    if not steps:
+        raise ValueError("train_loader has no batches")
     config = getattr(classifier, "config", None)  # a transformers model keeps num_labels there
     num_labels = getattr(classifier, "num_labels", None) or getattr(config, "num_labels", None)
     torch.manual_seed(seed)
@@ -130,7 +140,6 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
     if not parameters:
         raise ValueError("the classifier has no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    steps = epochs * len(train_loader)
     warm = max(1, int(warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: step / warm if step < warm else max(0.0, (steps - step) / max(1, steps - warm)))
@@ -164,6 +173,8 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
         if score > best:
             best = score
             state = dict(classifier.named_parameters())
-            save_file({n: state[n].detach().cpu().contiguous() for n in trainable_names}, str(best_path))
+            weights = {n: state[n].detach().cpu().contiguous() for n in trainable_names}
+            # Atomic: a crash mid-write leaves the previous best whole (the folder may be the user's).
+            write_atomically(best_path, lambda temporary: save_file(weights, temporary))
     classifier.load_state_dict(load_file(str(best_path)), strict=False)
     return history

@@ -74,6 +74,22 @@ def test_mismatched_lengths_are_refused(tokenizer):
         BucketedBatches(["a", "b"], [0, 1], tokenizer, text_pairs=[float("nan"), "c"])
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 8.5}, "batch_size must be a positive integer, got 8.5"),
+    ({"max_length": 0}, "max_length must be a positive integer"),
+    # The tokenizer itself would not truncate at all below its special tokens: the batches would be full length.
+    ({"max_length": 2}, "max_length=2 leaves no room for text: the tokenizer adds 2 special tokens to each text"),
+    ({"max_length": 3, "text_pairs": ["c", "d"]}, "max_length=3 .* adds 3 special tokens to each pair"),
+    ({"labels": [0.5, 1.0]}, "labels have dtype float64"),
+    ({"labels": ["pos", None]}, "label None at position 1: examples without a label cannot be scored"),
+])
+def test_bad_arguments_are_refused_when_the_batcher_is_made(tokenizer, kwargs, match):
+    arguments = {"texts": ["a b c d", "e f g h"], "labels": [0, 1], "tokenizer": tokenizer, **kwargs}
+    with pytest.raises((TypeError, ValueError), match=match):
+        BucketedBatches(**arguments)
+    assert [len(b["input_ids"][0]) for b in BucketedBatches(["a b c d"], [0], tokenizer, max_length=3)] == [3]
+
+
 def _reference_batch(tokenizer, texts, pairs, rows, max_length):
     """What transformers makes of these rows: tokenised together, padded on the right."""
     encoded = tokenizer([texts[r] for r in rows], [pairs[r] for r in rows] if pairs else None, truncation=True,

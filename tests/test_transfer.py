@@ -244,6 +244,12 @@ def test_train_refuses_what_would_fail_or_mislead_later():
         hsvfast.train(classifier, batches, epochs=0, progress=False)
     with pytest.raises(ValueError, match="metric must be 'accuracy' or 'mcc'"):  # would keep the last epoch
         hsvfast.train(classifier, batches, batches, metric="f1", progress=False)
+    with pytest.raises(TypeError, match="train_loader must have a length and be readable once per epoch"):
+        hsvfast.train(classifier, iter(batches), epochs=2, progress=False)  # a second epoch would see nothing
+    with pytest.raises(ValueError, match="train_loader has no batches"):
+        hsvfast.train(classifier, [], progress=False)
+    with pytest.raises(ValueError, match="the evaluation loader has no batches"):
+        hsvfast.evaluate(classifier, [], torch.device("cpu"))
     floats = [{**b, "labels": b["labels"].float()} for b in batches]
     with pytest.raises(ValueError, match="labels must be integer class ids, got torch.float32"):
         hsvfast.train(classifier, floats, epochs=1, progress=False)
