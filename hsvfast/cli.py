@@ -205,12 +205,14 @@ def _write_outputs(report, out: Optional[str], plot: Optional[str]) -> None:
 def describe_classes(counts: dict, listed: int = 10) -> str:
     """The examples per class for a one-line summary: every class when there are at most `listed`, else
     their number and range (a 77-class task would fill the screen)."""
+    from .statistics import label_text
+
     if len(counts) <= listed:
         return f"classes {counts}"
     (small_label, smallest), (large_label, largest) = (min(counts.items(), key=lambda kv: kv[1]),
                                                        max(counts.items(), key=lambda kv: kv[1]))
     return (f"{len(counts)} classes, {smallest:,}–{largest:,} examples each "
-            f"(fewest: {small_label!r}, most: {large_label!r})")
+            f"(fewest: {label_text(small_label)}, most: {label_text(large_label)})")
 
 
 def _print_sample_note(report) -> None:

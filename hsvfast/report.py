@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Optional
 
 from .metrics import LOWER_IS_BETTER
+from .statistics import label_text
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Report:
         label, smallest = min(self.class_counts.items(), key=lambda kv: kv[1])
         if smallest >= self.hidden_size:
             return None
-        return (f"Class {label!r} has {smallest:,} examples, fewer than the hidden size d = {self.hidden_size}: "
+        examples = "example" if smallest == 1 else "examples"
+        return (f"Class {label_text(label)} has {smallest:,} {examples}, fewer than the hidden size d = {self.hidden_size}: "
                 "ν is biased low at this sample size (noise in the class means reads as separation). Compare "
                 "layers within this run, not ν levels across sample sizes, and score a few thousand examples "
                 "per class for decisions.")

@@ -705,8 +705,14 @@ class Statistics:
                 )
         self.check_finite()
         single = [label for label, n in zip(self.labels, self.counts) if n == 1]
+        if len(single) == self.num_classes:  # every metric would be 0 (or undefined) at every layer
+            raise ValueError(
+                f"each of the {self.num_classes} classes has a single example (e.g. {label_text(single[0])}), so no "
+                "within-class spread can be measured and every layer would score 0. The labels look like one per "
+                "example: check that the label column is the right one, or score more examples per class."
+            )
         if single:
-            shown = ", ".join(map(repr, single[:5])) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+            shown = ", ".join(map(label_text, single[:5])) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
             warnings.warn(f"{len(single)} class(es) have a single example ({shown}): their spread cannot be measured "
                           "and counts as zero, which biases ν and the trace ratio low; score more examples of them",
                           stacklevel=2)
@@ -884,6 +890,13 @@ _FLOAT_LABELS = (
 def _as_list(labels: Any) -> List[Hashable]:
     """Labels as plain Python values (an array's items become ints, bools, strings …)."""
     return labels.tolist() if isinstance(labels, np.ndarray) else labels
+
+
+def label_text(label: Hashable, limit: int = 40) -> str:
+    """A label for a message: its repr, cut to ``limit`` characters (a label column mistaken for the text
+    column would otherwise print whole sentences)."""
+    text = repr(label)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _normalise_label(label: Hashable) -> Hashable:

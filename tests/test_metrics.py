@@ -101,6 +101,17 @@ def test_classes_of_a_single_example_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # two examples per class: nothing to warn about
         hsvfast.variability(features[:6], ["a", "b", "c"] * 2)
+    long_label = "a whole sentence read from the wrong column of the file, " * 3
+    with pytest.warns(UserWarning, match=r"single example \('a whole sentence read from the wrong c…\)"):
+        hsvfast.variability(features, ["a"] * 11 + [long_label])
+
+
+def test_labels_of_one_example_each_are_refused():
+    """Every class a singleton (a text column taken for the labels): Σ_w = 0, every layer would score 0."""
+    features = np.random.default_rng(0).normal(size=(6, 4))
+    for metric in (hsvfast.variability, hsvfast.trace_ratio):
+        with pytest.raises(ValueError, match="each of the 6 classes has a single example.*label column"):
+            metric(features, list("abcdef"))
 
 
 @pytest.mark.parametrize("mode", ["per_class", "balanced"])
