@@ -20,6 +20,7 @@ import codecs
 import csv
 import glob
 import gzip
+import json
 import lzma
 import os
 import re
@@ -221,7 +222,17 @@ def data_files(spec: DataFiles) -> List[Path]:
     kinds = {_kind(p) for p in files}
     if len(kinds) > 1:
         raise ValueError(f"the data files are of different formats ({', '.join(sorted(kinds))}): pass files of one")
-    return files
+    # An empty file holds no rows (an empty shard of a corpus is harmless); the readers would fail on it.
+    with_rows = [p for p in files if not _is_empty(p)]
+    if not with_rows:
+        raise ValueError(f"data file {files[0]} is empty" if len(files) == 1 else
+                         f"the {len(files)} data files ({files[0]} …) are all empty")
+    return with_rows
+
+
+def _is_empty(path: Path) -> bool:
+    with _open_bytes(path) as handle:
+        return not handle.read(1)
 
 
 def _decodes_as_utf8(path: Path) -> bool:
@@ -260,7 +271,12 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_fold
     if kind != "csv":
         if delimiter is not None:
             raise ValueError(f"{path}: a delimiter is for delimited text, not {_suffix(path)} files; leave it out")
-        return read(kind)
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log line would repeat the error raised
+        try:
+            return read(kind)
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     # Every field as the text it is: pandas would read a column of "007", "1.50" as the numbers 7 and 1.5
     # (labels get their types in _labels). Only an empty field is missing: pandas' defaults also read "NA",
     # "null", "None", "n/a", "nan" … as missing, turning such texts into empty ones and dropping rows
@@ -291,6 +307,24 @@ def _load(files: List[Path], header: bool, delimiter: Optional[str], shared_fold
     finally:
         datasets.logging.set_verbosity(verbosity)
     raise ValueError(f"{path}: cannot decode the file as UTF-8 or latin-1")
+
+
+def _first_bad_json_line(files: List[Path]) -> Optional[str]:
+    """Where JSON Lines files stop being JSON ('line 3 of c.jsonl is not JSON: …'), found after a failed read
+    (the parser's own message gives a byte position in some buffer); None for files that are not JSON Lines
+    (one JSON document: its parser's message stands)."""
+    for path in files:
+        with _open_bytes(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except ValueError as error:
+                    if number == 1:
+                        return None  # not one object per line
+                    return f"line {number} of {path.name} is not JSON ({error})"
+    return None
 
 
 def _first_cause(error: BaseException) -> str:
@@ -365,7 +399,11 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         header = not any(isinstance(c, int) for c in (text_column, label_column, pair_column))
     try:
         table, cache = _load(files, header, delimiter, shared_folder)
-    except (ValueError, ImportError):
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # datasets' words for a table of no rows
+            raise ValueError(f"{path}: no data rows (a header alone?)") from error
+        raise
+    except ImportError:
         raise
     except Exception as error:  # datasets/pyarrow errors carry long traces; one line is what users need
         kind = _kind(files[0])
@@ -373,6 +411,8 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         hint = "; check the delimiter (--delimiter) and whether there is a header row (--no-header)" \
             if what == "delimited text" else ""
         cause = _first_cause(error)
+        if kind == "json":
+            cause = _first_bad_json_line(files) or cause
         if len(files) > 1 and cause.startswith("Couldn't cast"):  # datasets' words when the files' tables differ
             raise ValueError(f"{path}: the files cannot be read as one table: their columns, or the types of their "
                              "values, differ; every file needs the same columns") from error

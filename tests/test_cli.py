@@ -495,6 +495,8 @@ def test_several_files_of_one_format_are_read_as_one_corpus(tmp_path):
     for spec in (names, str(tmp_path / "part-*.tsv"), [names[0], str(tmp_path / "part-[12].tsv")]):
         table = read_labelled_text(spec)
         assert list(table.texts) == [t for t, _ in SENTENCES] and table.labels == [y for _, y in SENTENCES]
+    with_empty_shard = read_labelled_text([*names, write(tmp_path / "part-3.tsv", "")])  # an empty shard adds nothing
+    assert with_empty_shard.labels == [y for _, y in SENTENCES]
     jsonl = write(tmp_path / "d.jsonl", json.dumps({"text": "a", "label": 1}) + "\n")
     refused = [
         ([names[0], names[1], str(names[0])], "is given twice"),
@@ -503,6 +505,12 @@ def test_several_files_of_one_format_are_read_as_one_corpus(tmp_path):
         ([names[0], write(tmp_path / "other.tsv", "words\tclass\na\t1\n")], "their columns, or the types"),
         (str(tmp_path / "none-*.tsv"), "no data file matches"),
         (tmp_path, "is a folder: pass its files, e.g."),
+        # Each was a reader's own words: "Instruction 'train' corresponds to no data!", "StopIteration", a byte offset.
+        (write(tmp_path / "header.tsv", "text\tlabel\n"), "header.tsv: no data rows"),
+        (write(tmp_path / "empty.jsonl", ""), "data file .*empty.jsonl is empty"),
+        ([write(tmp_path / "e1.tsv", ""), write(tmp_path / "e2.tsv", "")], "the 2 data files .* are all empty"),
+        (write(tmp_path / "bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\nnot json\n'),
+         "cannot read it as JSON: line 3 of bad.jsonl is not JSON"),
     ]
     for spec, message in refused:
         with pytest.raises(ValueError, match=message):
