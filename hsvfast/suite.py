@@ -61,20 +61,71 @@ def load_suite(path: "str | Path") -> Suite:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from error
+    unknown_tables = set(data) - {"task", "defaults"}
+    if unknown_tables:
+        raise ValueError(f"{path}: unknown tables {sorted(unknown_tables)}; a suite has [defaults] and [[task]]")
     tasks = []
     for entry in data.get("task", []):
         unknown = set(entry) - _TASK_KEYS
         if unknown or "name" not in entry or "file" not in entry:
             raise ValueError(f"{path}: task {entry.get('name', '?')!r} needs 'name' and 'file'"
                              + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
-        tasks.append(Task(**entry))
+        tasks.append(_checked_task(Task(**entry), path))
     if not tasks:
         raise ValueError(f"{path}: no [[task]] entries")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: task names repeat: {names}")
-    return Suite(tasks=tasks, **{k: v for k, v in data.get("defaults", {}).items()
-                                 if k in ("max_length", "batch_size", "pooling")})
+    defaults = data.get("defaults", {})
+    unknown = set(defaults) - _DEFAULT_KEYS  # a misspelt key would silently leave its default in place
+    if unknown:
+        raise ValueError(f"{path}: unknown [defaults] keys {sorted(unknown)}; known: {sorted(_DEFAULT_KEYS)}")
+    for key in ("max_length", "batch_size"):
+        if key in defaults and not _is_positive_int(defaults[key]):
+            raise ValueError(f"{path}: [defaults] {key} must be a positive integer, got {defaults[key]!r}")
+    if "pooling" in defaults:
+        from .pooling import POOLINGS
+
+        if defaults["pooling"] not in POOLINGS:
+            raise ValueError(f"{path}: [defaults] pooling {defaults['pooling']!r} is not one of {', '.join(POOLINGS)}")
+    return Suite(tasks=tasks, **defaults)
+
+
+_DEFAULT_KEYS = {"max_length", "batch_size", "pooling"}
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _checked_task(task: Task, path: "str | Path") -> Task:
+    """A task whose fields have the types the scoring needs; its name names its result file, so it is one
+    file name (no folders: "../x" would write outside the results folder)."""
+    where = f"{path}: task {task.name!r}"
+    if not isinstance(task.name, str) or not task.name.strip() or task.name in (".", "..") \
+            or re.search(r"[/\\\x00]", task.name):
+        raise ValueError(f"{where}: a name must be a non-empty file name (no '/' or '\\'): it names the result file")
+    files = task.file if isinstance(task.file, list) else [task.file]
+    if not files or not all(isinstance(f, str) and f for f in files):
+        raise ValueError(f"{where}: 'file' must be a path (or a list of paths) relative to the data folder")
+    if task.limit is not None and not _is_positive_int(task.limit):
+        raise ValueError(f"{where}: 'limit' must be a positive integer (rows drawn at random), got {task.limit!r}")
+    if task.header is not None and not isinstance(task.header, bool):
+        raise ValueError(f"{where}: 'header' must be true or false, got {task.header!r}")
+    if not isinstance(task.labels, dict):
+        raise ValueError(f"{where}: 'labels' must be a table {{ name = id, ... }}, got {task.labels!r}")
+    return task
+
+
+def check_model_folders(models: Sequence[str]) -> None:
+    """Refuse models whose results would share a folder (two model folders of one name): the second
+    model's results would be taken for the first's, or overwrite them."""
+    seen: Dict[str, str] = {}
+    for model in models:
+        other = seen.setdefault(slug(model), model)
+        if other != model:
+            raise ValueError(f"models {other!r} and {model!r} would write their results to one folder "
+                             f"({slug(model)!r}): give the model folders different names (a link will do)")
 
 
 def slug(name: str) -> str:
@@ -108,6 +159,7 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
     an interrupted suite resumes where it stopped. ``share = (rank, world)``: score only this process's
     block of the pairs (:func:`pairs_of`) and write no summary (:func:`summarise` does, once all are done).
     """
+    check_model_folders(models)
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     reports: Dict[tuple, Report] = {}
     for model, task in pairs_of(models, suite.tasks, share):
@@ -133,6 +185,7 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
 def summarise(suite: Suite, models: Sequence[str], out_dir: "str | Path") -> Dict[tuple, Report]:
     """Write the combined tables and grid plot from the results in ``out_dir`` (after processes that each
     scored a share of the pairs); pairs without a result are left out."""
+    check_model_folders(models)
     out_dir = Path(out_dir)
     reports: Dict[tuple, Report] = {}
     for model, task in pairs_of(models, suite.tasks):

@@ -776,6 +776,35 @@ def test_bad_suite_files(tmp_path):
         load_suite(write(tmp_path / "s.toml", '[[task]]\nname = "x"\n'))
     with pytest.raises(ValueError, match="not valid TOML"):
         load_suite(write(tmp_path / "t.toml", "[[task]\n"))
+    task = '[[task]]\nname = "x"\nfile = "x.tsv"\n'
+    refused = [
+        ('[[tasks]]\nname = "x"\nfile = "x.tsv"\n', r"unknown tables \['tasks'\]"),
+        ("[defaults]\nmax_lenght = 64\n" + task, r"unknown \[defaults\] keys \['max_lenght'\]"),  # was ignored
+        ("[defaults]\nbatch_size = 0\n" + task, r"batch_size must be a positive integer, got 0"),
+        ('[defaults]\npooling = "max"\n' + task, r"pooling 'max' is not one of"),
+        # A task's name names its result file: "../x" wrote outside the model's results folder.
+        (task.replace('"x"', '"../x"', 1), r"task '\.\./x': a name must be a non-empty file name"),
+        (task.replace('"x"', '"a/b"', 1), r"task 'a/b': a name must be a non-empty file name"),
+        (task + "limit = 0\n", r"'limit' must be a positive integer"),
+        (task.replace('"x.tsv"', "3"), r"'file' must be a path"),
+        (task + 'header = "no"\n', r"'header' must be true or false"),
+    ]
+    for k, (text, message) in enumerate(refused):
+        with pytest.raises(ValueError, match=message):
+            load_suite(write(tmp_path / f"bad{k}.toml", text))
+
+
+def test_suite_refuses_two_models_that_would_share_a_results_folder(tmp_path):
+    from hsvfast.suite import Suite, Task, check_model_folders, run_suite
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    first.mkdir(parents=True), second.mkdir(parents=True)
+    check_model_folders([str(first), str(tmp_path / "a")])  # different names: fine
+    never = lambda *args: pytest.fail("nothing may be scored")  # noqa: E731
+    with pytest.raises(ValueError, match=r"models '.*a/model' and '.*b/model' would write their results to one "
+                                         r"folder \('model'\)"):
+        run_suite(Suite(tasks=[Task(name="t", file="t.tsv")]), [str(first), str(second)], tmp_path, tmp_path / "out",
+                  never)
 
 
 def test_many_classes_are_summarised_on_the_summary_line():
