@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -173,11 +173,22 @@ def load_statistics(path: "str | Path", device: "str | torch.device" = "cpu", wi
 def merge(parts: Iterable[Union[str, Path, Statistics]]) -> Statistics:
     """Sum statistics of parts of one corpus (files or objects) into one; inputs are not modified.
 
-    Refuses parts from different models, layers, pooling, hidden sizes or modes, naming the difference.
+    Refuses parts from different models, layers, pooling, hidden sizes or modes, naming the difference,
+    and one part given twice (the same file, or identical statistics): its examples would count twice.
     """
     merged: Optional[Statistics] = None
-    for part in parts:
+    seen: Dict[tuple, int] = {}  # what identifies each non-empty part -> its index
+    names: List[str] = []
+    for index, part in enumerate(parts):
         stats = load_statistics(part) if isinstance(part, (str, Path)) else part
+        names.append(str(part) if isinstance(part, (str, Path)) else f"part {index}")
+        if stats.num_examples:  # empty parts (a rank without rows) are all alike, and harmless
+            identity = (_digest(_tensors(stats)), repr(stats.labels), json.dumps(stats.info, sort_keys=True, default=str))
+            first = seen.setdefault(identity, index)
+            if first != index:
+                raise ValueError(f"{names[first]} and {names[index]} (parts {first} and {index}) hold identical "
+                                 "statistics (one part given twice?): its examples would count twice; merge each "
+                                 "part once")
         if merged is None:
             merged = _copy(stats)
             continue

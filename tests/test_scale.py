@@ -89,6 +89,12 @@ def test_merge_refuses_incompatible_parts(tmp_path):
         hsvfast.merge([mean, hsvfast.score(model, batches, layers=[0, 1]).stats])
     with pytest.raises(ValueError, match="different model_name: 'BertModel' vs 'LlamaModel'"):
         hsvfast.merge([mean, hsvfast.score(tiny_model("llama"), batches).stats])
+    mean.save(tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    for twice in ([tmp_path / "a.safetensors"] * 2, [tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+                  [mean, tmp_path / "b.safetensors"]):
+        with pytest.raises(ValueError, match="hold identical statistics .*one part given twice"):
+            hsvfast.merge(twice)
 
 
 def test_merge_refuses_a_different_label_mapping():
