@@ -90,7 +90,8 @@ class Report:
         if smallest >= self.hidden_size:
             return None
         examples = "example" if smallest == 1 else "examples"
-        return (f"Class {label_text(label)} has {smallest:,} {examples}, fewer than the hidden size d = {self.hidden_size}: "
+        return (f"Class {label_text(label)} has {smallest:,} {examples}, fewer than the hidden size "
+                f"d = {self.hidden_size}: "
                 "ν is biased low at this sample size (noise in the class means reads as separation). Compare "
                 "layers within this run, not ν levels across sample sizes, and score a few thousand examples "
                 "per class for decisions.")

@@ -183,7 +183,8 @@ def merge(parts: Iterable[Union[str, Path, Statistics]]) -> Statistics:
         stats = load_statistics(part) if isinstance(part, (str, Path)) else part
         names.append(str(part) if isinstance(part, (str, Path)) else f"part {index}")
         if stats.num_examples:  # empty parts (a rank without rows) are all alike, and harmless
-            identity = (_digest(_tensors(stats)), repr(stats.labels), json.dumps(stats.info, sort_keys=True, default=str))
+            info = json.dumps(stats.info, sort_keys=True, default=str)
+            identity = (_digest(_tensors(stats)), repr(stats.labels), info)
             first = seen.setdefault(identity, index)
             if first != index:
                 raise ValueError(f"{names[first]} and {names[index]} (parts {first} and {index}) hold identical "

@@ -41,8 +41,8 @@ def apply(model: nn.Module, plan: Plan, num_labels: int, method: str = "finetune
     model = encoder_of(model)
     depth = len(layer_modules(model, find_blocks(model)))
     if depth != plan.num_blocks:  # the plan's layer indices are another model's
-        raise ValueError(f"the plan was made for a model with {plan.num_blocks} blocks, and this {type(model).__name__} "
-                         f"has {depth}: apply a plan to a fresh copy of the model that was scored")
+        raise ValueError(f"the plan was made for a model with {plan.num_blocks} blocks, and this "
+                         f"{type(model).__name__} has {depth}: apply a plan to a fresh copy of the model that was scored")
     truncate(model, plan.head_layer)
     if method == "finetune":
         freeze(model, plan.tuned_layers, train_norms=train_norms)
