@@ -50,6 +50,14 @@ class Report:
         def value(v: Optional[float]) -> float:
             return math.inf if v is None else float(v)
 
+        missing = [k for k in ("layers", "metrics", "class_counts", "pooling", "num_examples") if k not in data]
+        if missing:
+            raise ValueError(f"not a hsvfast report: no {', '.join(map(repr, missing))} (a report is what "
+                             "Report.to_dict or `hsvfast score --out` writes)")
+        uneven = [name for name, values in data["metrics"].items() if len(values) != len(data["layers"])]
+        if uneven:
+            raise ValueError(f"not a consistent report: metric {uneven[0]!r} has {len(data['metrics'][uneven[0]])} "
+                             f"values for {len(data['layers'])} layers")
         return cls(
             layers=list(data["layers"]),
             metrics={name: [value(v) for v in values] for name, values in data["metrics"].items()},

@@ -372,12 +372,14 @@ class _Checkpointer:
     """Periodic atomic checkpoints of the statistics, and resuming from one."""
 
     def __init__(self, path, every: int, stats: Statistics, model: nn.Module, loader: Any) -> None:
-        self.path, self.every, self.stats = path, int(every), stats
+        self.path, self.every, self.stats = path, every, stats
         self.batches_done, self.digest = 0, hashlib.sha256()
         if path is None:
             return
-        if self.every < 1:
-            raise ValueError(f"checkpoint_every must be a positive number of batches, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of batches, got {every!r}")
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint {os.fspath(path)} is a folder: pass a file name in it (e.g. run.ckpt)")
         if is_distributed():
             import torch.distributed as dist
 

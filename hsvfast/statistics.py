@@ -482,8 +482,8 @@ class Statistics:
             raise MemoryError(
                 f"per-class covariance statistics (with their staging buffers) for {capacity} classes over "
                 f"{len(hidden_sizes)} layers "
-                f"(hidden size {max(hidden_sizes)}) would need {needed_bytes / 2**30:.2f} GiB, over the limit of "
-                f"{self.max_memory / 2**30:.2f} GiB. Pass class_counts={{label: count, ...}} (e.g. "
+                f"(hidden size {max(hidden_sizes)}) would need {bytes_text(needed_bytes)}, over the limit of "
+                f"{bytes_text(self.max_memory)}. Pass class_counts={{label: count, ...}} (e.g. "
                 "collections.Counter of your dataset's label column) so hsvfast keeps one class-balanced "
                 "matrix per layer, or raise max_memory."
             )
@@ -890,6 +890,14 @@ _FLOAT_LABELS = (
 def _as_list(labels: Any) -> List[Hashable]:
     """Labels as plain Python values (an array's items become ints, bools, strings …)."""
     return labels.tolist() if isinstance(labels, np.ndarray) else labels
+
+
+def bytes_text(size: float) -> str:
+    """A size in bytes for a message, in the largest binary unit it reaches (0.00 GiB said nothing)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{int(size)} bytes"
 
 
 def label_text(label: Hashable, limit: int = 40) -> str:

@@ -181,6 +181,11 @@ def test_checkpoint_of_another_run_or_other_data_is_refused(tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         hsvfast.score(model, batches, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="checkpoint .* is a folder: pass a file name in it"):  # was "does not exist"
+        hsvfast.score(model, batches, checkpoint=tmp_path)
+    for every in (0, True, 2.5):
+        with pytest.raises(ValueError, match="checkpoint_every must be a positive number of batches"):
+            hsvfast.score(model, batches, checkpoint=tmp_path / "d.ckpt", checkpoint_every=every)
 
 
 def test_loader_failing_midway_leaves_a_valid_checkpoint(tmp_path):
