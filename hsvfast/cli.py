@@ -477,10 +477,31 @@ def _gibibytes(text: str) -> float:
     return value
 
 
+class _PrintVersion(argparse.Action):
+    """``--version``: the version, the compiled core and the libraries it runs with (for bug reports). An
+    action, so torch is imported only when it is asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import torch
+        import transformers
+
+        import hsvfast
+
+        cuda = "with CUDA kernels" if hsvfast.compiled_with_cuda() else "without CUDA kernels"
+        print(f"hsvfast {hsvfast.__version__} (CPU core: {hsvfast.backend('cpu')}, {cuda}; torch {torch.__version__}, "
+              f"transformers {transformers.__version__}, Python {sys.version.split()[0]})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsvfast", description="Score every layer of a language model for a "
                                      "labelled task (hidden-state variability, arXiv:2210.10041).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action=_PrintVersion,
+                        help="the version, the compiled core it uses, and torch's and transformers' versions")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="score MiniLM on a small shipped sentiment sample (offline)")

@@ -807,6 +807,15 @@ def test_suite_refuses_two_models_that_would_share_a_results_folder(tmp_path):
                   never)
 
 
+def test_version_names_the_core_and_libraries(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    line = capsys.readouterr().out.strip()
+    assert exited.value.code == 0
+    assert line.startswith(f"hsvfast {hsvfast.__version__} (CPU core: {hsvfast.backend('cpu')}, ")
+    assert f"torch {torch.__version__}" in line and "transformers " in line
+
+
 def test_many_classes_are_summarised_on_the_summary_line():
     few = {"neg": 3, "pos": 5}
     assert cli.describe_classes(few) == "classes {'neg': 3, 'pos': 5}"
