@@ -51,7 +51,10 @@ class PreparedBatch:
         if isinstance(labels, torch.Tensor) and labels.dtype in _INTEGER_LABELS:
             labels = labels.reshape(-1).numpy().astype(np.int64, copy=False)
         else:
-            labels = normalise_labels(labels)
+            try:
+                labels = normalise_labels(labels)
+            except ValueError as error:  # a missing or multi-hot label: say which batch holds it
+                raise ValueError(f"batch {self.index}: {error}") from None
         return labels, self._poolable.numpy().astype(bool, copy=False)
 
 

@@ -289,7 +289,7 @@ def batches_with(**changes):
         ([(b["input_ids"], b["labels"]) for b in random_batches()], {}, TypeError, "dict batches"),
         (batches_with(labels=torch.zeros(5, dtype=torch.long)), {}, ValueError, "5 labels for 12 sequences"),
         # A missing label was a class of its own ("None").
-        (batches_with(labels=["a", "b", None] * 4), {}, ValueError, "label None at position 2"),
+        (batches_with(labels=["a", "b", None] * 4), {}, ValueError, r"batch 0: label None at position 2"),
         (random_batches(), {"device": "cuda:99"}, ValueError, "device cuda:99 is not available"),
     ],
 )
