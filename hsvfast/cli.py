@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -338,7 +339,11 @@ def _show(report, out: Optional[str], plot: Optional[str]) -> None:
     if graphs:
         print(graphs)
     print(report.to_markdown())
-    print(f"\nℓ* = {report.best_layer} (lowest ν)")
+    nu = report.metrics.get("variability", [])
+    if nu and not any(math.isfinite(v) for v in nu):  # best_layer would name the first layer
+        print("\nℓ* is undefined: ν is inf at every layer (the class means coincide; no layer separates the classes)")
+    else:
+        print(f"\nℓ* = {report.best_layer} (lowest ν)")
     _print_sample_note(report)
     _write_outputs(report, out, plot)
 

@@ -75,7 +75,9 @@ class Report:
 
     @property
     def best_layer(self) -> int:
-        """The layer with the lowest ν (the paper's ℓ*); falls back to trace_ratio without ν."""
+        """The layer with the lowest ν (the paper's ℓ*); without ν, the best by the first metric (in its
+        direction). Where ν is inf at every layer (class means that coincide) this is the first layer, and
+        :func:`hsvfast.plan` refuses the report."""
         name = "variability" if "variability" in self.metrics else next(iter(self.metrics))
         values = self.metrics[name]
         sign = 1.0 if LOWER_IS_BETTER[name] else -1.0

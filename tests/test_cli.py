@@ -807,6 +807,21 @@ def test_suite_refuses_two_models_that_would_share_a_results_folder(tmp_path):
                   never)
 
 
+def test_a_report_where_no_layer_separates_the_classes_names_no_best_layer(capsys):
+    import math
+    from types import SimpleNamespace
+
+    report = hsvfast.Report(layers=[0, 1], metrics={"variability": [math.inf] * 2, "trace_ratio": [math.inf] * 2},
+                            class_counts={0: 5, 1: 5}, pooling="mean", model_name="m", num_examples=10,
+                            num_skipped=0, backend="cpp", version="x", stats=SimpleNamespace(info={}))
+    cli._show(report, None, None)
+    out = capsys.readouterr().out
+    assert "ℓ* is undefined: ν is inf at every layer" in out and "ℓ* = 0" not in out
+    report.metrics["variability"][1] = 0.5
+    cli._show(report, None, None)
+    assert "ℓ* = 1 (lowest ν)" in capsys.readouterr().out
+
+
 def test_version_names_the_core_and_libraries(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
