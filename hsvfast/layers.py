@@ -7,8 +7,10 @@ for decoders the last block's output is taken before the final norm).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -146,16 +148,35 @@ def without_cache(model: nn.Module) -> Dict[str, Any]:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
+def layer_index(value: Any, what: str = "layers") -> int:
+    """A layer index as a Python int: ints, NumPy integers and one-element integer tensors (indices computed
+    with numpy or torch); refuses bools, floats and strings."""
+    if not isinstance(value, (bool, np.bool_, str)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what}: {value!r} is not an integer (a block index)")
+
+
+def layer_list(layers: Any, what: str) -> List[int]:
+    """Layer indices given as a list (or any iterable) of them, as Python ints."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{what}: layers must be a list of block indices (e.g. [2, 3]), got {layers!r}")
+    return [layer_index(layer, f"{what}: layers") for layer in layers]
+
+
 def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:
     """Sorted, de-duplicated block indices; negative indices count from the top."""
     if layers is None:
         return list(range(num_blocks))
-    if isinstance(layers, int):
+    if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a list of block indices (e.g. [0, 3, -1]) or None, got {layers!r}")
     resolved = set()
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layers must be integers, got {layer!r}")
+        layer = layer_index(layer)
         if not -num_blocks <= layer < num_blocks:
             raise ValueError(
                 f"layer {layer} does not exist: the model has {num_blocks} blocks, so valid indices are "

@@ -23,6 +23,9 @@ def special_token_ids(tokenizer: Any) -> Optional[Sequence[int]]:
     """The ids a tokenizer adds around text ([CLS], [SEP], <s>, </s>, pad …), without [UNK]."""
     if tokenizer is None:
         return None
+    if not hasattr(tokenizer, "all_special_ids"):  # else no token would count as special: a silent "mean_all"
+        raise TypeError(f"tokenizer must be a transformers tokenizer (with all_special_ids), got "
+                        f"{type(tokenizer).__name__} {tokenizer!r:.40}")
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids.discard(getattr(tokenizer, "unk_token_id", None))
     return sorted(i for i in ids if i is not None)

@@ -841,6 +841,9 @@ def _merge_layer(mine, theirs, ids, my_counts, their_counts, mode, class_counts,
 
 
 def _check_class_counts(class_counts: Mapping[Hashable, int]) -> Dict[Hashable, int]:
+    if not isinstance(class_counts, Mapping):
+        raise TypeError(f"class_counts must be a mapping {{label: count}} (e.g. collections.Counter of the labels), "
+                        f"got a {type(class_counts).__name__}")
     checked = {}
     for label, count in dict(class_counts).items():
         if isinstance(count, bool) or int(count) != count or count <= 0:

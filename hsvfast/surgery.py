@@ -10,8 +10,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .layers import (depth_attribute, find_blocks, hidden_size_of, layer_modules, layer_parts, modules_of_layers,
-                     parallel_lists, parent_of, set_depth, shares_weights)
+from .layers import (depth_attribute, find_blocks, hidden_size_of, layer_index, layer_list, layer_modules, layer_parts,
+                     modules_of_layers, parallel_lists, parent_of, set_depth, shares_weights)
 from .optional import require
 
 ADAPTER_KINDS = ("sequential", "lora")
@@ -28,7 +28,8 @@ def truncate(model: nn.Module, head_layer: int) -> nn.Module:
     """
     blocks = find_blocks(model)
     modules = layer_modules(model, blocks)
-    if isinstance(head_layer, bool) or not isinstance(head_layer, int) or not 0 <= head_layer < len(modules):
+    head_layer = layer_index(head_layer, "head_layer")
+    if not 0 <= head_layer < len(modules):
         raise ValueError(
             f"head_layer {head_layer!r} is out of range: the model has {len(modules)} blocks (0..{len(modules) - 1})"
         )
@@ -56,9 +57,9 @@ def _truncate_shared(model: nn.Module, blocks: nn.ModuleList, modules: List[nn.M
 
 
 def _check_layers(layers: Iterable[int], num_blocks: int, what: str) -> List[int]:
-    layers = sorted(set(layers))
+    layers = sorted(set(layer_list(layers, what)))
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_blocks:
+        if not 0 <= layer < num_blocks:
             raise ValueError(f"{what}: layer {layer!r} does not exist (the model has blocks 0..{num_blocks - 1})")
     return layers
 
@@ -115,6 +116,8 @@ class BottleneckAdapter(nn.Module):
         super().__init__()
         if init not in ADAPTER_INITS:
             raise ValueError(f"unknown adapter init {init!r}; choose one of {', '.join(ADAPTER_INITS)}")
+        if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
+            raise ValueError(f"bottleneck must be a positive integer (the adapter's width), got {bottleneck!r}")
         self.down = nn.Linear(hidden_size, bottleneck)
         self.up = nn.Linear(bottleneck, hidden_size)
         for layer in (self.down, self.up):

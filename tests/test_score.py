@@ -283,6 +283,12 @@ def batches_with(**changes):
         ([], {}, ValueError, "no labelled example"),
         (random_batches(), {"layers": [7]}, ValueError, "layer 7 does not exist.*0..3"),
         (random_batches(), {"layers": []}, ValueError, "layers is empty"),
+        (random_batches(), {"layers": "0,1"}, TypeError, "layers must be a list of block indices"),
+        (random_batches(), {"layers": [0.0]}, TypeError, "layers: 0.0 is not an integer"),
+        (random_batches(), {"class_counts": [5, 5]}, TypeError, "class_counts must be a mapping"),
+        # A string has no special ids: every token would have counted, pooling="mean_all" in all but name.
+        ([{k: v for k, v in b.items() if k != "special_tokens_mask"} for b in random_batches()],
+         {"tokenizer": "bert-base-uncased"}, TypeError, "tokenizer must be a transformers tokenizer"),
         (random_batches(), {"pooling": "max"}, ValueError, "unknown pooling 'max'"),
         ([{k: v for k, v in b.items() if k != "special_tokens_mask"} for b in random_batches()], {},
          ValueError, "no 'special_tokens_mask' and no tokenizer"),

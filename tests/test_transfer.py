@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,10 +107,26 @@ def test_truncation_keeps_the_hidden_states_of_kept_layers(kind):
         torch.testing.assert_close(last, full[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("head", [-1, DEPTH, 1.5])
-def test_truncate_refuses_layers_out_of_range(head):
-    with pytest.raises(ValueError, match="out of range"):
+@pytest.mark.parametrize("head,error,match", [(-1, ValueError, "out of range"), (DEPTH, ValueError, "out of range"),
+                                              (1.5, TypeError, "head_layer: 1.5 is not an integer"),
+                                              ("2", TypeError, "not an integer"), (True, TypeError, "not an integer")])
+def test_truncate_refuses_layers_out_of_range(head, error, match):
+    with pytest.raises(error, match=match):
         hsvfast.truncate(tiny_model("bert"), head)
+
+
+def test_layer_indices_may_come_from_numpy_or_torch_but_must_be_a_list_of_integers():
+    model = tiny_model("bert")
+    assert hsvfast.score(model, random_batches(), layers=np.array([0, -1])).layers == [0, DEPTH - 1]
+    assert len(hsvfast.find_blocks(hsvfast.truncate(model, np.int64(1)))) == 2
+    hsvfast.freeze(model, torch.tensor([1]))
+    assert all(p.requires_grad for p in hsvfast.find_blocks(model)[1].parameters())
+    with pytest.raises(TypeError, match=r"freeze: layers must be a list of block indices \(e.g. \[2, 3\]\), got 1"):
+        hsvfast.freeze(model, 1)  # tune layer 1, or one layer? Ambiguous: refused
+    with pytest.raises(TypeError, match="add_adapters: layers must be a list"):
+        hsvfast.add_adapters(model, 1)
+    with pytest.raises(ValueError, match="bottleneck must be a positive integer"):
+        hsvfast.add_adapters(model, [1], bottleneck=0)
 
 
 # ---------------------------------------------------------------------------------------- freeze
