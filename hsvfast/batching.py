@@ -75,7 +75,8 @@ class BucketedBatches:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         # Below this a tokenizer does not truncate at all (it cannot drop its own special tokens).
-        special = tokenizer.num_special_tokens_to_add(pair=text_pairs is not None)
+        count_special = getattr(tokenizer, "num_special_tokens_to_add", None)
+        special = count_special(pair=text_pairs is not None) if count_special is not None else 0
         if max_length <= special:
             raise ValueError(f"max_length={max_length} leaves no room for text: the tokenizer adds {special} special "
                              f"tokens to each {'pair' if text_pairs is not None else 'text'}; pass max_length > "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -91,11 +92,14 @@ def plan(
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < math.inf:
         raise ValueError(f"tolerance must be a finite number >= 0 (a relative distance from the minimum ν), "
                          f"got {tolerance!r}")
-    if num_tuned is not None and (isinstance(num_tuned, bool) or not isinstance(num_tuned, int) or num_tuned < 0):
-        raise ValueError(f"num_tuned must be a non-negative integer (or None for the default), got {num_tuned!r}")
+    tolerance = float(tolerance)  # a NumPy scalar would not go into the plan's JSON
+    if num_tuned is not None:
+        if isinstance(num_tuned, bool) or not isinstance(num_tuned, numbers.Integral) or num_tuned < 0:
+            raise ValueError(f"num_tuned must be a non-negative integer (or None for the default), got {num_tuned!r}")
+        num_tuned = int(num_tuned)
     if "variability" not in report.metrics:
         raise ValueError("the report has no 'variability' scores to plan from")
     scored = [(v, layer) for v, layer in zip(report.metrics["variability"], report.layers) if not math.isnan(v)]

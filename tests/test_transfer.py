@@ -65,6 +65,8 @@ def test_plan_tunes_two_layers_by_default_or_all_there_are_below_the_head():
     head_first = hsvfast.plan(fake_report([0.5, 1.0, 3.0, 4.0]))
     assert (head_first.head_layer, head_first.tuned_layers, head_first.frozen_layers) == (0, [0], [])
     assert hsvfast.plan(fake_report([0.5, 1.0, 3.0, 4.0]), num_tuned=0).tuned_layers == []
+    from_numpy = hsvfast.plan(fake_report([2.0, 1.0, 3.0, 4.0]), num_tuned=np.int64(1), tolerance=np.float32(0.1))
+    assert from_numpy.tuned_layers == [1] and json.dumps(from_numpy.to_dict())  # plain Python numbers in the plan
 
 
 @pytest.mark.parametrize("values,kwargs,match", [
