@@ -122,6 +122,8 @@ def train(classifier: Classifier, train_loader: Iterable[Dict[str, Any]],
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup <= 1:
+        raise ValueError(f"warmup is the fraction of the steps spent warming up, in [0, 1], got {warmup!r}")
     if metric not in ("accuracy", "mcc"):  # anything else would silently keep the last epoch
         raise ValueError(f"metric must be 'accuracy' or 'mcc' (what evaluate computes), got {metric!r}")
     try:

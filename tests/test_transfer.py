@@ -261,6 +261,8 @@ def test_train_refuses_what_would_fail_or_mislead_later():
         hsvfast.train(classifier, batches, epochs=1, progress=False)
     with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
         hsvfast.train(classifier, batches, epochs=0, progress=False)
+    with pytest.raises(ValueError, match=r"warmup is the fraction of the steps .* in \[0, 1\], got 2"):
+        hsvfast.train(classifier, batches, epochs=1, warmup=2, progress=False)  # the peak rate was never reached
     with pytest.raises(ValueError, match="metric must be 'accuracy' or 'mcc'"):  # would keep the last epoch
         hsvfast.train(classifier, batches, batches, metric="f1", progress=False)
     with pytest.raises(TypeError, match="train_loader must have a length and be readable once per epoch"):
@@ -285,3 +287,5 @@ def test_classifier_output_works_like_a_transformers_model():
     assert out.logits.shape == (12, 2) and out.loss.dim() == 0
     with pytest.raises(ValueError, match="num_labels"):
         hsvfast.Classifier(tiny_model("bert"), num_labels=1)
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):  # when made, not at the first forward
+        hsvfast.Classifier(tiny_model("bert"), num_labels=2, pooling="max")
