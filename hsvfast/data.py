@@ -36,8 +36,11 @@ import numpy as np
 
 from .optional import require
 
-TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "tweet", "#1 String", "content", "review", "document")
-PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "#1 String": "#2 String", "premise": "hypothesis"}
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "tweet", "#1 String", "content", "review", "document",
+                "description")
+# A news item's title and body (AG News as a CSV: label, title, description) are read as a pair, as NLI's are.
+PAIR_COLUMNS = {"sentence1": "sentence2", "question": "sentence", "#1 String": "#2 String", "premise": "hypothesis",
+                "title": "description"}
 LABEL_COLUMNS = ("label", "labels", "class", "category", "Quality", "target", "intent")
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

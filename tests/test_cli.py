@@ -286,6 +286,9 @@ def test_csv_with_quoted_commas_and_header_row(tmp_path):
                                      '4,Space,"Launch, delayed"\r\n')
     table = read_labelled_text(path, text_column="description")
     assert table.texts == ["Up, then down", "Launch, delayed"] and table.labels == [3, 4]
+    both = read_labelled_text(path)  # by default title and description, as a pair (it was "cannot tell")
+    assert (both.text_column, both.pair_column) == ("title", "description")
+    assert both.texts == ["Markets, again", "Space"] and both.pairs == ["Up, then down", "Launch, delayed"]
 
 
 @pytest.mark.parametrize("separator", ["\t", ","])
