@@ -416,6 +416,10 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         cause = _first_cause(error)
         if kind == "json":
             cause = _first_bad_json_line(files) or cause
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", cause)
+        if fields and int(fields.group(1)) < int(fields.group(3)):  # pandas counts the first line's fields
+            cause += (f" (the number of fields is taken from the first line, which has {fields.group(1)}: that line "
+                      f"or line {fields.group(2)} is malformed)")
         if len(files) > 1 and cause.startswith("Couldn't cast"):  # datasets' words when the files' tables differ
             raise ValueError(f"{path}: the files cannot be read as one table: their columns, or the types of their "
                              "values, differ; every file needs the same columns") from error

@@ -128,7 +128,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_model_dir, cas
     expected = {"missing_file": "does not exist", "missing_column": "the columns are ['words', 'class']",
                 "bad_model": "cannot load model", "float_labels": "discrete class labels",
                 "graphs_on_cpu": "cuda_graphs=True needs a CUDA device",
-                "malformed": "Expected 2 fields in line 3, saw 5",
+                "malformed": "Expected 2 fields in line 3, saw 5 (the number of fields is taken from the first line, "
+                             "which has 2: that line or line 3 is malformed)",
                 "no_such_device": "device cuda:99 is not available"}[case]  # the parser's words, not a wrapper's
     assert expected in lines[0]
     assert "Failed to read file" not in result.stderr  # datasets' own log line of the same error
