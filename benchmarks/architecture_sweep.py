@@ -21,6 +21,7 @@ there too). Not a test: it needs nothing but transformers, and its verdicts are 
 """
 from __future__ import annotations
 
+import argparse
 import inspect
 import signal
 import sys
@@ -105,6 +106,9 @@ def sweep_one(model_type: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_types", nargs="*", help="model types to sweep (default: every one transformers knows)")
+    model_types = parser.parse_args().model_types
     warnings.simplefilter("ignore")
     tf.logging.set_verbosity_error()
 
@@ -113,7 +117,7 @@ def main() -> None:
 
     signal.signal(signal.SIGALRM, timed_out)
     counts: dict = {}
-    for model_type in sys.argv[1:] or sorted(MODEL_MAPPING_NAMES):
+    for model_type in model_types or sorted(MODEL_MAPPING_NAMES):
         signal.alarm(40)
         try:
             line = sweep_one(model_type)

@@ -5,14 +5,16 @@
 
 (run 7's profile of the H200's bf16 kernel, benchmarks/RESULTS.md).
 """
-import sys
+import argparse
 
 import torch
 
 from hsvfast import _kernels
 from kernels import make
 
-dtype = getattr(torch, sys.argv[1])
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("dtype", choices=("bfloat16", "float16", "float32"))
+dtype = getattr(torch, parser.parse_args().dtype)
 act, weights, labels, out_rows, state = make(32, 512, 4096, dtype, "cuda")
 target = torch.empty_like(act)
 for _ in range(3):
