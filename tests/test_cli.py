@@ -802,7 +802,8 @@ def test_suite_refuses_two_models_that_would_share_a_results_folder(tmp_path):
     from hsvfast.suite import Suite, Task, check_model_folders, run_suite
 
     first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
-    first.mkdir(parents=True), second.mkdir(parents=True)
+    for folder in (first, second):
+        folder.mkdir(parents=True)
     check_model_folders([str(first), str(tmp_path / "a")])  # different names: fine
     never = lambda *args: pytest.fail("nothing may be scored")  # noqa: E731
     with pytest.raises(ValueError, match=r"models '.*a/model' and '.*b/model' would write their results to one "
