@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -339,8 +338,7 @@ def _show(report, out: Optional[str], plot: Optional[str]) -> None:
     if graphs:
         print(graphs)
     print(report.to_markdown())
-    nu = report.metrics.get("variability", [])
-    if nu and not any(math.isfinite(v) for v in nu):  # best_layer would name the first layer
+    if not report.has_best_layer:  # best_layer would name the first layer
         print("\nℓ* is undefined: ν is inf at every layer (the class means coincide; no layer separates the classes)")
     else:
         print(f"\nℓ* = {report.best_layer} (lowest ν)")

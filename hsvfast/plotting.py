@@ -28,7 +28,7 @@ def plot_report(report, path: Optional[str] = None, ax: Any = None, title: Optio
     else:
         figure = ax.figure
     layers = report.layers
-    best = report.best_layer
+    best = report.best_layer if report.has_best_layer else None
     if "variability" in report.metrics:
         nu = report.metrics["variability"]
         ax.plot(layers, nu, "o-", color=_NU_COLOUR, label="ν (variability, left)")
@@ -39,12 +39,22 @@ def plot_report(report, path: Optional[str] = None, ax: Any = None, title: Optio
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_ylabel("ν  (lower = better specialised)", color=_NU_COLOUR)
-        ax.plot([best], [nu[layers.index(best)]], marker="*", markersize=18, color=_NU_COLOUR, zorder=5)
-    ax.axvline(best, color="0.6", linestyle="--", linewidth=1)
-    ax.annotate(f"ℓ* = {best}", xy=(best, 1.0), xycoords=("data", "axes fraction"), xytext=(-4, -14),
-                textcoords="offset points", color="0.3", ha="right")
+        if best is not None:
+            ax.plot([best], [nu[layers.index(best)]], marker="*", markersize=18, color=_NU_COLOUR, zorder=5)
+        # A layer whose class means coincide has ν = inf, which a line cannot show: mark it on the top edge.
+        top = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        for layer, value in zip(layers, nu):
+            if value == float("inf"):
+                ax.plot([layer], [0.97], marker="^", markersize=8, color=_NU_COLOUR, transform=top, clip_on=False)
+                ax.annotate("inf", xy=(layer, 0.97), xycoords=top, xytext=(0, -14), textcoords="offset points",
+                            ha="center", fontsize=7, color=_NU_COLOUR)
+    if best is not None:
+        ax.axvline(best, color="0.6", linestyle="--", linewidth=1)
+        ax.annotate(f"ℓ* = {best}", xy=(best, 1.0), xycoords=("data", "axes fraction"), xytext=(-4, -14),
+                    textcoords="offset points", color="0.3", ha="right")
     ax.set_xlabel("layer (output of transformer block k)")
     ax.set_xticks(layers)
+    ax.set_xlim(min(layers) - 0.3, max(layers) + 0.3)  # every scored layer, finite or not
     lines, labels = ax.get_legend_handles_labels()
     if "trace_ratio" in report.metrics:
         twin = ax.twinx()

@@ -76,8 +76,8 @@ class Report:
     @property
     def best_layer(self) -> int:
         """The layer with the lowest ν (the paper's ℓ*); without ν, the best by the first metric (in its
-        direction). Where ν is inf at every layer (class means that coincide) this is the first layer, and
-        :func:`hsvfast.plan` refuses the report."""
+        direction). Where ν is inf at every layer (class means that coincide) this is the first layer,
+        :attr:`has_best_layer` is False, and :func:`hsvfast.plan` refuses the report."""
         name = "variability" if "variability" in self.metrics else next(iter(self.metrics))
         values = self.metrics[name]
         sign = 1.0 if LOWER_IS_BETTER[name] else -1.0
@@ -85,6 +85,12 @@ class Report:
         if not finite:
             raise ValueError(f"no layer has a defined {name}")
         return min(finite)[1]
+
+    @property
+    def has_best_layer(self) -> bool:
+        """False when ν is inf at every layer (the class means coincide everywhere): no layer separates the
+        classes, and tables, plots and the CLI mark none."""
+        return not all(v == math.inf for v in self.metrics.get("variability", [0.0]))
 
     @property
     def sample_note(self) -> Optional[str]:
@@ -131,7 +137,7 @@ class Report:
         """A per-layer table; the best layer (lowest ν) is marked with ◀."""
         names = [n for n in ("variability", "trace_ratio") if n in self.metrics]
         names += [n for n in self.metrics if n not in names]
-        best = self.best_layer
+        best = self.best_layer if self.has_best_layer else None
         lines = ["| layer | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         for i, layer in enumerate(self.layers):
             cells = " | ".join(f"{self.metrics[n][i]:.4g}" for n in names)
@@ -141,7 +147,7 @@ class Report:
     def to_csv(self) -> str:
         """One row per layer: layer, each metric, and whether it is the best layer."""
         names = list(self.metrics)
-        best = self.best_layer
+        best = self.best_layer if self.has_best_layer else None
         lines = [",".join(["layer", *names, "best"])]
         for i, layer in enumerate(self.layers):
             lines.append(",".join([str(layer), *(repr(float(self.metrics[n][i])) for n in names), str(layer == best)]))

@@ -827,6 +827,27 @@ def test_a_report_where_no_layer_separates_the_classes_names_no_best_layer(capsy
     assert "ℓ* = 1 (lowest ν)" in capsys.readouterr().out
 
 
+def test_plot_marks_layers_whose_nu_is_inf_and_no_best_layer_when_all_are(tmp_path):
+    import math
+
+    pytest.importorskip("matplotlib")
+
+    def drawn(values):
+        report = hsvfast.Report(layers=[0, 1, 2], metrics={"variability": values, "trace_ratio": [1.0, 2.0, 3.0]},
+                                class_counts={0: 5, 1: 5}, pooling="mean", model_name="m", num_examples=10,
+                                num_skipped=0, backend="cpp", version="x")
+        ax = report.plot().axes[0]
+        return [t.get_text() for t in ax.texts], ax.get_xlim()
+
+    texts, (left, right) = drawn([math.inf, 0.5, 0.3])  # layer 0 used to vanish from the plot
+    assert texts.count("inf") == 1 and "ℓ* = 2" in texts and left < 0 < 2 < right
+    texts, _ = drawn([math.inf] * 3)
+    assert texts.count("inf") == 3 and not any(t.startswith("ℓ*") for t in texts)
+    nowhere = hsvfast.Report(layers=[0, 1], metrics={"variability": [math.inf] * 2}, class_counts={0: 5, 1: 5},
+                             pooling="mean", model_name="m", num_examples=10, num_skipped=0, backend="cpp", version="x")
+    assert not nowhere.has_best_layer and "◀" not in nowhere.to_markdown() and ",True" not in nowhere.to_csv()
+
+
 def test_version_names_the_core_and_libraries(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
