@@ -176,7 +176,8 @@ def run_suite(suite: Suite, models: Sequence[str], data_dir: "str | Path", out_d
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(target, json.dumps(report.to_dict(), indent=2))  # never half a result
         reports[(model, task.name)] = report
-        log(f"{slug(model)} / {task.name}: ℓ* = {report.best_layer}")
+        log(f"{slug(model)} / {task.name}: " + (f"ℓ* = {report.best_layer}" if report.has_best_layer
+                                                 else "no layer separates the classes (ν = inf everywhere)"))
     if share is None or share[1] == 1:
         write_summary(reports, [t.name for t in suite.tasks], list(models), out_dir)
     return reports
@@ -215,15 +216,16 @@ def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[s
                 continue
             nu = dict(zip(report.layers, report.metrics["variability"]))
             trace = dict(zip(report.layers, report.metrics["trace_ratio"]))
+            best = report.best_layer if report.has_best_layer else None  # None: ν inf everywhere
             cells = []
             for layer in layers:
                 if layer in nu:
-                    writer.writerow([slug(model), task, layer, nu[layer], trace[layer], layer == report.best_layer])
-                    cells.append(f"{nu[layer]:.4g}{' ◀' if layer == report.best_layer else ''}")
+                    writer.writerow([slug(model), task, layer, nu[layer], trace[layer], layer == best])
+                    cells.append(f"{nu[layer]:.4g}{' ◀' if layer == best else ''}")
                 else:
                     cells.append("")
             mark = " †" if report.sample_note else ""
-            markdown.append(f"| {task}{mark} | " + " | ".join(cells) + f" | {report.best_layer} |")
+            markdown.append(f"| {task}{mark} | " + " | ".join(cells) + f" | {'—' if best is None else best} |")
         small = [f"{task} ({min(r.class_counts.values()):,} < d = {r.hidden_size})" for task in tasks
                  for r in [reports.get((model, task))] if r is not None and r.sample_note]
         if small:

@@ -848,6 +848,22 @@ def test_plot_marks_layers_whose_nu_is_inf_and_no_best_layer_when_all_are(tmp_pa
     assert not nowhere.has_best_layer and "◀" not in nowhere.to_markdown() and ",True" not in nowhere.to_csv()
 
 
+def test_suite_summary_marks_no_best_layer_where_no_layer_separates_the_classes(tmp_path):
+    import math
+
+    from hsvfast.suite import write_summary
+
+    def report(values):
+        return hsvfast.Report(layers=[0, 1], metrics={"variability": values, "trace_ratio": [1.0, 1.0]},
+                              class_counts={0: 500, 1: 500}, pooling="mean", model_name="m", num_examples=1000,
+                              num_skipped=0, backend="cpp", version="x", hidden_size=4)
+    reports = {("m", "good"): report([0.5, 0.3]), ("m", "flat"): report([math.inf, math.inf])}
+    write_summary(reports, ["good", "flat"], ["m"], tmp_path)
+    rows = (tmp_path / "summary.md").read_text().splitlines()
+    assert "| good | 0.5 | 0.3 ◀ | 1 |" in rows and "| flat | inf | inf | — |" in rows
+    assert (tmp_path / "summary.csv").read_text().count(",True") == 1
+
+
 def test_version_names_the_core_and_libraries(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(["--version"])
