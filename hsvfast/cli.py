@@ -161,11 +161,14 @@ def score_file(model, tokenizer, data, *, text_column=None, pair_column=None, la
 
 
 def data_name(data) -> str:
-    """The task name of a report scored from ``data``: the file's name, or the first's and how many more."""
+    """The task name of a report scored from ``data``: the file's folder and name (GLUE's files are all
+    ``dev.tsv``: ``sst2/dev.tsv`` says which), or the first's and how many more."""
     if isinstance(data, (str, Path)):
         data = [data]
     data = list(data)
-    return Path(data[0]).name + (f" (+{len(data) - 1})" if len(data) > 1 else "")
+    first = Path(data[0]).resolve()
+    name = f"{first.parent.name}/{first.name}" if first.parent.name else first.name
+    return name + (f" (+{len(data) - 1})" if len(data) > 1 else "")
 
 
 def check_writable(**outputs: Optional[str]) -> None:

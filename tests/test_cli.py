@@ -569,7 +569,7 @@ def test_cli_scores_several_files_as_the_file_of_their_rows(tmp_path, tiny_model
         assert cli.main(["score", "--model", str(tiny_model_dir), "--data", *[str(tmp_path / d) for d in data],
                          "--out", str(out), "--quiet"]) == 0
         reports.append(json.loads(out.read_text()))
-    assert reports[1]["task"] == "a.tsv (+1)"
+    assert reports[1]["task"] == f"{tmp_path.name}/a.tsv (+1)"  # the folder says which task's a.tsv
     assert reports[1]["metrics"] == reports[0]["metrics"] and reports[1]["class_counts"] == reports[0]["class_counts"]
     seen = []  # a suite task's list of files reaches the scorer as paths under the data folder
     run_suite(Suite(tasks=[Task(name="t", file=["a.tsv", "b.tsv"])]), ["m"], tmp_path, tmp_path / "out",
