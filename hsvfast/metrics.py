@@ -119,12 +119,8 @@ def _feature_statistics(features: Any, labels: Sequence[Hashable], second_moment
     from .statistics import Statistics  # local: statistics imports nothing from here
 
     features = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
-    if features.dim() != 2:
-        raise ValueError(f"features must be a (num_examples, hidden_size) matrix, got shape {tuple(features.shape)}")
-    if len(labels) != features.shape[0]:
-        raise ValueError(f"{features.shape[0]} feature rows but {len(labels)} labels")
     stats = Statistics([0], device=features.device, second_moments=second_moments)
-    stats.add_features(features, labels)
+    stats.add_features(features, labels)  # checks the shape and the number of labels
     stats.check_complete()
     return stats
 

@@ -626,8 +626,13 @@ class Statistics:
         features = torch.as_tensor(features).to(self.device)
         if not features.is_floating_point():
             features = features.to(torch.float64)
+        if features.dim() != 2:
+            raise ValueError(f"features must be a (num_examples, hidden_size) matrix, got shape {tuple(features.shape)}")
+        labels = normalise_labels(labels)
+        if len(labels) != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} feature rows but {len(labels)} labels")
         weights = torch.ones(features.shape[0], 1, dtype=torch.float32, device=features.device)
-        plan = self.plan_batch(normalise_labels(labels), np.ones(features.shape[0], dtype=bool))
+        plan = self.plan_batch(labels, np.ones(features.shape[0], dtype=bool))
         self.fold(position, features.unsqueeze(1), weights, plan)
         self.finish_batch(plan)
 

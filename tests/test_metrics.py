@@ -165,6 +165,9 @@ def test_all_layers_at_once_match_the_reference_layer_by_layer(mode):
 def test_bad_feature_input(features, labels, error, match):
     with pytest.raises(error, match=match):
         hsvfast.variability(features, labels)
+    if error is ValueError and "at least" not in match:  # the same checks on Statistics.add_features itself
+        with pytest.raises(error, match=match):  # (a label count off by one was a NumPy broadcasting error)
+            hsvfast.Statistics([0]).add_features(torch.as_tensor(features), labels)
 
 
 def test_nan_features_are_named():
