@@ -444,7 +444,8 @@ def read_labelled_text(path: DataFiles, text_column: Column = None, label_column
         raise ValueError(f"{path}: no labelled rows (text column {text!r}, label column {label!r})")
     if unlabelled:
         kept = np.flatnonzero([y is not None for y in labels])
-        where = f"data row {labels.index(None) + 1}{', after the header' if header else ''}"
+        delimited_header = header and _kind(files[0]) == "csv"  # JSON and Parquet rows have no header line
+        where = f"data row {labels.index(None) + 1}{', after the header' if delimited_header else ''}"
         if len(files) > 1:
             where = f"row {labels.index(None) + 1} of the files' data rows in order"
         warnings.warn(f"{path}: {unlabelled} row(s) have no label in column {label!r} and are left out "

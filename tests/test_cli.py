@@ -320,6 +320,9 @@ def test_empty_texts_are_kept_and_unlabelled_rows_left_out_with_a_warning(tmp_pa
         table = read_labelled_text(path)
     assert table.texts == ["a good one", "", "a bad one"] and table.num_unlabelled == 1
     assert table.labels == [1, 0, 0] and all(type(y) is int for y in table.labels)  # not 1.0: NaN made it float
+    lines = "".join(json.dumps(row) + "\n" for row in ({"text": "a", "label": 1}, {"text": "b"}, {"text": "c", "label": 0}))
+    with pytest.warns(UserWarning, match=r"\(the first is data row 2\)$"):  # JSON has no header line to count
+        read_labelled_text(write(tmp_path / "e.jsonl", lines))
 
 
 def test_an_empty_label_field_is_missing_whichever_way_pandas_reads_it():
