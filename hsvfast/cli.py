@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 DEMO_DATA = Path(__file__).parent / "samples" / "demo_sentiment.tsv"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -171,14 +172,25 @@ def data_name(data) -> str:
     return name + (f" (+{len(data) - 1})" if len(data) > 1 else "")
 
 
-def check_writable(**outputs: Optional[str]) -> None:
+def check_writable(inputs: Sequence[str] = (), **outputs: Optional[str]) -> None:
     """Refuse, before any scoring, output paths that could not be written after it (the work would be lost):
-    a folder on the way that is a file, a folder the user cannot write in, a path that is a folder.
-    Missing folders are fine (they are made)."""
+    a folder on the way that is a file, a folder the user cannot write in, a path that is a folder — and
+    paths that would destroy something: two outputs naming one file, or an output naming one of the
+    ``inputs`` (files or glob patterns the command reads). Missing folders are fine (they are made)."""
+    read = {Path(match).resolve() for pattern in inputs for match in (glob.glob(pattern) or [pattern])}
+    named: dict = {}
     for option, value in outputs.items():
         if not value:
             continue
         flag = "--" + option.replace("_", "-")
+        resolved = Path(value).resolve()
+        if resolved in read:
+            raise CommandError(f"{flag} {value} is a file this command reads: writing it would destroy it; "
+                               "give another file name")
+        other = named.setdefault(resolved, flag)
+        if other != flag:
+            raise CommandError(f"{other} and {flag} both name {value}: one would overwrite the other; give each "
+                               "its own file name")
         path = Path(value).absolute()
         if path.is_dir():
             raise CommandError(f"{flag} {value} is a folder; give a file name")
@@ -299,7 +311,7 @@ def cpu_by_default_note(device: Optional[str]) -> Optional[str]:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    check_writable(out=args.out, plot=args.plot, save_stats=args.save_stats, checkpoint=args.checkpoint)
+    check_writable(args.data, out=args.out, plot=args.plot, save_stats=args.save_stats, checkpoint=args.checkpoint)
     note = cpu_by_default_note(args.device)
     if note and torchrun_world()[0] == 0:
         print(note, file=sys.stderr)
@@ -365,6 +377,8 @@ def run_plan(args: argparse.Namespace) -> int:
     import hsvfast
     from hsvfast.storage import write_text_atomically
 
+    out = args.out or str(Path(args.report).with_suffix("")) + ".plan.json"
+    check_writable([args.report], out=out)
     try:
         report = hsvfast.Report.from_dict(json.loads(Path(args.report).read_text()))
     except (OSError, json.JSONDecodeError, KeyError) as error:
@@ -374,7 +388,6 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"tuned layers   {plan.tuned_layers}")
     print(f"frozen layers  {plan.frozen_layers}")
     print(f"dropped layers {plan.dropped_layers}  → {plan.flops_fraction:.0%} of the blocks' forward FLOPs kept")
-    out = args.out or str(Path(args.report).with_suffix("")) + ".plan.json"
     plan.save(out)
     if not plan.tuned_layers:  # PEFT would read an empty layers_to_transform as every layer
         print("PEFT: none (no tuned layers: only the classifier head trains)")
@@ -441,7 +454,7 @@ def run_suite(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     import hsvfast
 
-    check_writable(output=args.output, report=args.report, plot=args.plot)
+    check_writable(args.files, output=args.output, report=args.report, plot=args.plot)
     merged = hsvfast.merge(args.files)
     merged.save(args.output)
     print(f"merged {len(args.files)} files: {merged.num_examples:,} examples, "
@@ -457,7 +470,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import hsvfast
 
-    check_writable(out=args.out, plot=args.plot)
+    check_writable([args.statistics], out=args.out, plot=args.plot)
     report = hsvfast.report_from(hsvfast.load_statistics(args.statistics))
     _show(report, args.out, args.plot)
     return 0

@@ -2,6 +2,7 @@
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,31 @@ def test_outputs_that_could_not_be_written_are_refused_before_scoring(tmp_path, 
         assert cli.main(["score", "--model", str(tmp_path / "no-model"), "--data", str(data), flag, str(value)]) == 2
         err = capsys.readouterr().err
         assert f"hsvfast: error: {flag} {value}" in err and expected in err, err
+
+
+def test_outputs_that_would_destroy_an_input_or_each_other_are_refused(tmp_path, capsys):
+    data = tsv(tmp_path / "d.tsv")
+    before = data.read_bytes()
+    stats = tmp_path / "s.safetensors"
+    hsvfast.score(tiny_model("bert"), random_batches(num_batches=2)).stats.save(stats)
+    report = write(tmp_path / "r.json", "{}")
+    refused = [
+        (["score", "--data", str(data), "--out", str(data)], "--out .*d.tsv is a file this command reads"),
+        (["score", "--data", str(tmp_path / "*.tsv"), "--plot", str(data)], "--plot .*d.tsv is a file this command"),
+        (["score", "--data", str(data), "--out", str(tmp_path / "x"), "--plot", str(tmp_path / "x")],
+         "--out and --plot both name"),
+        (["score", "--data", str(data), "--save-stats", str(stats), "--checkpoint", str(stats)],
+         "--save-stats and --checkpoint both name"),
+        (["merge", str(stats), str(stats), "-o", str(stats)], "--output .*s.safetensors is a file this command reads"),
+        (["report", str(stats), "--out", str(stats)], "--out .*s.safetensors is a file this command reads"),
+        (["plan", str(report), "--out", str(report)], "--out .*r.json is a file this command reads"),
+    ]
+    for argv, message in refused:  # each refused before anything is read, loaded or written
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), (argv, err)
+    assert data.read_bytes() == before and report.read_text() == "{}"
+    assert hsvfast.load_statistics(stats).num_examples == 24
 
 
 def test_missing_output_folders_are_made(tmp_path):
