@@ -263,7 +263,8 @@ def score(
     calls[:] = [0] * len(hooked)
     handles = [module.register_forward_hook(make_hook(slot, sum(m is module for m in modules), scored))
                for slot, (module, scored) in enumerate(hooked.values())]
-    warned_empty = False
+    warned_empty = warned_unmasked = False
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     bar = None
     try:
         if device != original_device:
@@ -294,6 +295,14 @@ def score(
                         )
                         warned_empty = True
                 plan = stats.plan_batch(labels, poolable)
+                if not warned_unmasked and _padded_without_mask(batch, pad_id):
+                    warnings.warn(
+                        f"batch {batch_index} has no attention_mask but holds the model's pad token (id {pad_id}): "
+                        "the padding is attended (and, unless special_tokens_mask marks it, pooled) as if it were "
+                        "text, which changes every layer's states; pass the tokenizer's attention_mask",
+                        stacklevel=2,
+                    )
+                    warned_unmasked = True
                 if max_positions and batch["input_ids"].shape[1] > max_positions:
                     raise ValueError(
                         f"batch {batch_index} has sequences of {batch['input_ids'].shape[1]} tokens but the model "
@@ -492,6 +501,14 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.device == device:
         return tensor
     return tensor.to(device, non_blocking=True)
+
+
+def _padded_without_mask(batch: Mapping[str, Any], pad_id: Optional[int]) -> bool:
+    """Whether a batch without an attention mask holds the model's pad token (read on the host only:
+    a batch already on a GPU is not checked, which would wait for the device)."""
+    ids = batch["input_ids"]
+    return ("attention_mask" not in batch and isinstance(pad_id, int) and isinstance(ids, torch.Tensor)
+            and ids.is_cpu and bool((ids == pad_id).any()))
 
 
 def _pad_token_id(model: nn.Module) -> int:

@@ -315,6 +315,20 @@ def test_nan_activations_name_layer_and_batch():
     assert all(np.isfinite(report.metrics["variability"]))
 
 
+def test_padding_without_an_attention_mask_is_warned_about():
+    """Batches padded by hand without a mask: the pad tokens are attended, so every state changes."""
+    model = tiny_model("bert")  # pad_token_id 0
+    padded = [{**b, "input_ids": b["input_ids"].masked_fill(b["attention_mask"] == 0, 0)} for b in random_batches()]
+    unmasked = [{k: v for k, v in b.items() if k != "attention_mask"} for b in padded]
+    with pytest.warns(UserWarning, match=r"batch 0 has no attention_mask but holds the model's pad token \(id 0\)"):
+        hsvfast.score(model, unmasked)
+    full = [{**b, "input_ids": b["input_ids"].clamp(min=3)} for b in unmasked]  # no pad token anywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hsvfast.score(model, full)
+        hsvfast.score(model, padded)  # masked: nothing to say
+
+
 def test_sequences_with_nothing_to_pool_are_skipped_and_counted():
     batches = random_batches(num_batches=2)
     batches[1]["special_tokens_mask"][4] = 1  # sequence 4 of batch 1: only special tokens
