@@ -184,6 +184,7 @@ class Statistics:
         self.device = torch.device(device)
         self.labels: List[Hashable] = []
         self._class_of: Dict[Hashable, int] = {}
+        self._label_texts: Dict[str, Hashable] = {}  # str(label) -> label: 1 and "1" must not be two classes
         self.counts = np.zeros(0, dtype=np.int64)
         self.num_skipped = 0
         self.num_batches = 0
@@ -346,6 +347,14 @@ class Statistics:
                 f"label {label!r} is not in class_counts (which has {sorted(self.class_counts, key=repr)}); "
                 "pass the counts of every label the loader yields, or leave class_counts out"
             )
+        texts = self._label_texts
+        if len(texts) != len(self.labels):  # rebuilt where the labels were set from outside (merge, all-reduce)
+            texts.clear()
+            texts.update((str(known), known) for known in self.labels)
+        same = texts.setdefault(str(label), label)
+        if same is not label and same != label:
+            raise ValueError(f"labels {same!r} and {label!r} read the same but are different classes (a "
+                             f"{type(same).__name__} and a {type(label).__name__}): give every label one type")
         cid = len(self.labels)
         self._class_of[label] = cid
         self.labels.append(label)

@@ -381,9 +381,13 @@ def test_integer_labels_take_the_lookup_table_path_with_the_same_ids(batches_):
         assert [type(label) for label in fast.labels] == [type(label) for label in slow.labels]
 
 
-def test_labels_of_mixed_types_stay_distinct():
+def test_labels_of_mixed_types_are_one_class_when_equal_and_refused_when_they_only_read_alike():
     stats = Statistics([0])
-    ids, new = stats._class_ids([1, "1", True, 1.0, "a"], np.ones(5, bool))
-    # Python's own equality decides: 1 == True == 1.0 are one class, "1" and "a" are others.
-    assert ids.tolist() == [0, 1, 0, 0, 2] and stats.labels == [1, "1", "a"]
+    ids, new = stats._class_ids([1, "a", True, 1.0, "b"], np.ones(5, bool))
+    # Python's own equality decides: 1 == True == 1.0 are one class, "a" and "b" are others.
+    assert ids.tolist() == [0, 1, 0, 0, 2] and stats.labels == [1, "a", "b"]
     assert new == [(0, 0), (1, 1), (2, 4)]
+    # 1 and "1" were two classes (half a file's labels read as text): a data error, not a second class.
+    with pytest.raises(ValueError, match=r"labels 1 and '1' read the same but are different classes"):
+        stats._class_ids(["1"], np.ones(1, bool))
+    assert stats.labels == [1, "a", "b"]
