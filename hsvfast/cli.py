@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import sys
@@ -177,7 +176,9 @@ def check_writable(inputs: Sequence[str] = (), **outputs: Optional[str]) -> None
     a folder on the way that is a file, a folder the user cannot write in, a path that is a folder — and
     paths that would destroy something: two outputs naming one file, or an output naming one of the
     ``inputs`` (files or glob patterns the command reads). Missing folders are fine (they are made)."""
-    read = {Path(match).resolve() for pattern in inputs for match in (glob.glob(pattern) or [pattern])}
+    from hsvfast.data import matching_files
+
+    read = {path.resolve() for pattern in inputs for path in (matching_files(pattern) or [Path(pattern)])}
     named: dict = {}
     for option, value in outputs.items():
         if not value:

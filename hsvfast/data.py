@@ -194,6 +194,11 @@ def _delimiter(path: Path, delimiter: Optional[str]) -> str:
     return "," if suffix == ".csv" else _guess_delimiter(path)
 
 
+def matching_files(pattern: "str | Path") -> List[Path]:
+    """The files a glob pattern (``**`` included) matches, sorted."""
+    return sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+
+
 def data_files(spec: DataFiles) -> List[Path]:
     """The files ``spec`` names, in order: a path, a glob pattern (``shards/*.jsonl``; its matches sorted), or
     a list of either. All of one format; none twice (its rows would count twice)."""
@@ -203,7 +208,7 @@ def data_files(spec: DataFiles) -> List[Path]:
         if path.is_file():
             files.append(path)
         elif any(mark in str(item) for mark in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            matches = matching_files(item)
             if not matches:
                 raise ValueError(f"no data file matches {item}")
             files += matches
