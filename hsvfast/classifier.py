@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .pooling import POOLINGS, special_token_ids, token_weights
+from .pooling import check_pooling, special_token_ids, token_weights
 from .layers import hidden_size_of, without_cache
 
 
@@ -31,8 +31,7 @@ class Classifier(nn.Module):
         super().__init__()
         if not isinstance(num_labels, int) or num_labels < 2:
             raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}")
-        if pooling not in POOLINGS:  # else the first forward would say it
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        check_pooling(pooling)  # else the first forward would say it
         self.backbone = backbone
         self.pooling = pooling
         self.num_labels = num_labels

@@ -159,11 +159,11 @@ def layer_index(value: Any, what: str = "layers") -> int:
     raise TypeError(f"{what}: {value!r} is not an integer (a block index)")
 
 
-def layer_list(layers: Any, what: str) -> List[int]:
-    """Layer indices given as a list (or any iterable) of them, as Python ints."""
+def layer_list(layers: Any, what: str = "layers") -> List[int]:
+    """Layer indices given as a list (or any iterable) of them, as Python ints; ``what`` names them in errors."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"{what}: layers must be a list of block indices (e.g. [2, 3]), got {layers!r}")
-    return [layer_index(layer, f"{what}: layers") for layer in layers]
+        raise TypeError(f"{what} must be a list of block indices (e.g. [2, 3]), got {layers!r}")
+    return [layer_index(layer, what) for layer in layers]
 
 
 def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int]:
@@ -172,11 +172,8 @@ def resolve_layers(layers: Optional[Sequence[int]], num_blocks: int) -> List[int
         return list(range(num_blocks))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be a list of block indices (e.g. [0, 3, -1]) or None, got {layers!r}")
     resolved = set()
-    for layer in layers:
-        layer = layer_index(layer)
+    for layer in layer_list(layers):
         if not -num_blocks <= layer < num_blocks:
             raise ValueError(
                 f"layer {layer} does not exist: the model has {num_blocks} blocks, so valid indices are "

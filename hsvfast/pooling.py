@@ -26,15 +26,19 @@ def special_token_ids(tokenizer: Any) -> Optional[Sequence[int]]:
     if not hasattr(tokenizer, "all_special_ids"):  # else no token would count as special: a silent "mean_all"
         raise TypeError(f"tokenizer must be a transformers tokenizer (with all_special_ids), got "
                         f"{type(tokenizer).__name__} {tokenizer!r:.40}")
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = set(tokenizer.all_special_ids or [])
     ids.discard(getattr(tokenizer, "unk_token_id", None))
     return sorted(i for i in ids if i is not None)
 
 
-def token_weights(batch: Mapping[str, Any], pooling: str, special_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """(B, T) float32 weights on the batch's device; a row of zeros has nothing to pool."""
+def check_pooling(pooling: str) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def token_weights(batch: Mapping[str, Any], pooling: str, special_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """(B, T) float32 weights on the batch's device; a row of zeros has nothing to pool."""
+    check_pooling(pooling)
     input_ids = batch["input_ids"]
     attention = batch.get("attention_mask")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.to(torch.bool)

@@ -264,7 +264,7 @@ def score(
     handles = [module.register_forward_hook(make_hook(slot, sum(m is module for m in modules), scored))
                for slot, (module, scored) in enumerate(hooked.values())]
     warned_empty = warned_unmasked = False
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    pad_id = _config_pad_token_id(model)
     bar = None
     try:
         if device != original_device:
@@ -507,14 +507,20 @@ def _padded_without_mask(batch: Mapping[str, Any], pad_id: Optional[int]) -> boo
     """Whether a batch without an attention mask holds the model's pad token (read on the host only:
     a batch already on a GPU is not checked, which would wait for the device)."""
     ids = batch["input_ids"]
-    return ("attention_mask" not in batch and isinstance(pad_id, int) and isinstance(ids, torch.Tensor)
+    return ("attention_mask" not in batch and pad_id is not None and isinstance(ids, torch.Tensor)
             and ids.is_cpu and bool((ids == pad_id).any()))
 
 
-def _pad_token_id(model: nn.Module) -> int:
-    """The id a tokenizer pads with, from the model's config (0 where it names none)."""
+def _config_pad_token_id(model: nn.Module) -> Optional[int]:
+    """The id a tokenizer pads with, as the model's config names it (None where it names none)."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return pad if isinstance(pad, int) and pad >= 0 else 0
+    return pad if isinstance(pad, int) and pad >= 0 else None
+
+
+def _pad_token_id(model: nn.Module) -> int:
+    """The id a graph's padding uses: the config's pad token, or 0 where it names none (never attended)."""
+    pad = _config_pad_token_id(model)
+    return 0 if pad is None else pad
 
 
 def available_device(device: "str | torch.device") -> torch.device:

@@ -57,7 +57,7 @@ def _truncate_shared(model: nn.Module, blocks: nn.ModuleList, modules: List[nn.M
 
 
 def _check_layers(layers: Iterable[int], num_blocks: int, what: str) -> List[int]:
-    layers = sorted(set(layer_list(layers, what)))
+    layers = sorted(set(layer_list(layers, f"{what}: layers")))
     for layer in layers:
         if not 0 <= layer < num_blocks:
             raise ValueError(f"{what}: layer {layer!r} does not exist (the model has blocks 0..{num_blocks - 1})")
