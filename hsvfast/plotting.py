@@ -28,7 +28,7 @@ def plot_report(report, path: Optional[str] = None, ax: Any = None, title: Optio
     else:
         figure = ax.figure
     layers = report.layers
-    best = report.best_layer if report.has_best_layer else None
+    best = report.marked_layer
     if "variability" in report.metrics:
         nu = report.metrics["variability"]
         ax.plot(layers, nu, "o-", color=_NU_COLOUR, label="ν (variability, left)")

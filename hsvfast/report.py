@@ -93,6 +93,11 @@ class Report:
         return not all(v == math.inf for v in self.metrics.get("variability", [0.0]))
 
     @property
+    def marked_layer(self) -> Optional[int]:
+        """The layer tables and plots mark as ℓ*: :attr:`best_layer`, or None without one (:attr:`has_best_layer`)."""
+        return self.best_layer if self.has_best_layer else None
+
+    @property
     def sample_note(self) -> Optional[str]:
         """A caution when some class has fewer examples than the hidden size d, else None.
 
@@ -137,7 +142,7 @@ class Report:
         """A per-layer table; the best layer (lowest ν) is marked with ◀."""
         names = [n for n in ("variability", "trace_ratio") if n in self.metrics]
         names += [n for n in self.metrics if n not in names]
-        best = self.best_layer if self.has_best_layer else None
+        best = self.marked_layer
         lines = ["| layer | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         for i, layer in enumerate(self.layers):
             cells = " | ".join(f"{self.metrics[n][i]:.4g}" for n in names)
@@ -147,7 +152,7 @@ class Report:
     def to_csv(self) -> str:
         """One row per layer: layer, each metric, and whether it is the best layer."""
         names = list(self.metrics)
-        best = self.best_layer if self.has_best_layer else None
+        best = self.marked_layer
         lines = [",".join(["layer", *names, "best"])]
         for i, layer in enumerate(self.layers):
             lines.append(",".join([str(layer), *(repr(float(self.metrics[n][i])) for n in names), str(layer == best)]))

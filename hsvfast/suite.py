@@ -216,7 +216,7 @@ def write_summary(reports: Dict[tuple, Report], tasks: List[str], models: List[s
                 continue
             nu = dict(zip(report.layers, report.metrics["variability"]))
             trace = dict(zip(report.layers, report.metrics["trace_ratio"]))
-            best = report.best_layer if report.has_best_layer else None  # None: ν inf everywhere
+            best = report.marked_layer  # None: ν inf everywhere
             cells = []
             for layer in layers:
                 if layer in nu:
