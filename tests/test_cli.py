@@ -841,13 +841,19 @@ def test_suite_refuses_two_models_that_would_share_a_results_folder(tmp_path):
                   never)
 
 
+def scores_report(nu, trace=None, counts=5, **fields):
+    """A report of given ν (and trace ratio) per layer 0, 1, …, with two classes of ``counts`` examples."""
+    metrics = {"variability": list(nu), **({"trace_ratio": list(trace)} if trace is not None else {})}
+    return hsvfast.Report(layers=list(range(len(nu))), metrics=metrics, class_counts={0: counts, 1: counts},
+                          pooling="mean", model_name="m", num_examples=2 * counts, num_skipped=0, backend="cpp",
+                          version="x", **fields)
+
+
 def test_a_report_where_no_layer_separates_the_classes_names_no_best_layer(capsys):
     import math
     from types import SimpleNamespace
 
-    report = hsvfast.Report(layers=[0, 1], metrics={"variability": [math.inf] * 2, "trace_ratio": [math.inf] * 2},
-                            class_counts={0: 5, 1: 5}, pooling="mean", model_name="m", num_examples=10,
-                            num_skipped=0, backend="cpp", version="x", stats=SimpleNamespace(info={}))
+    report = scores_report([math.inf] * 2, [math.inf] * 2, stats=SimpleNamespace(info={}))
     cli._show(report, None, None)
     out = capsys.readouterr().out
     assert "ℓ* is undefined: ν is inf at every layer" in out and "ℓ* = 0" not in out
@@ -862,18 +868,14 @@ def test_plot_marks_layers_whose_nu_is_inf_and_no_best_layer_when_all_are(tmp_pa
     pytest.importorskip("matplotlib")
 
     def drawn(values):
-        report = hsvfast.Report(layers=[0, 1, 2], metrics={"variability": values, "trace_ratio": [1.0, 2.0, 3.0]},
-                                class_counts={0: 5, 1: 5}, pooling="mean", model_name="m", num_examples=10,
-                                num_skipped=0, backend="cpp", version="x")
-        ax = report.plot().axes[0]
+        ax = scores_report(values, [1.0, 2.0, 3.0]).plot().axes[0]
         return [t.get_text() for t in ax.texts], ax.get_xlim()
 
     texts, (left, right) = drawn([math.inf, 0.5, 0.3])  # layer 0 used to vanish from the plot
     assert texts.count("inf") == 1 and "ℓ* = 2" in texts and left < 0 < 2 < right
     texts, _ = drawn([math.inf] * 3)
     assert texts.count("inf") == 3 and not any(t.startswith("ℓ*") for t in texts)
-    nowhere = hsvfast.Report(layers=[0, 1], metrics={"variability": [math.inf] * 2}, class_counts={0: 5, 1: 5},
-                             pooling="mean", model_name="m", num_examples=10, num_skipped=0, backend="cpp", version="x")
+    nowhere = scores_report([math.inf] * 2)
     assert not nowhere.has_best_layer and "◀" not in nowhere.to_markdown() and ",True" not in nowhere.to_csv()
 
 
@@ -882,11 +884,8 @@ def test_suite_summary_marks_no_best_layer_where_no_layer_separates_the_classes(
 
     from hsvfast.suite import write_summary
 
-    def report(values):
-        return hsvfast.Report(layers=[0, 1], metrics={"variability": values, "trace_ratio": [1.0, 1.0]},
-                              class_counts={0: 500, 1: 500}, pooling="mean", model_name="m", num_examples=1000,
-                              num_skipped=0, backend="cpp", version="x", hidden_size=4)
-    reports = {("m", "good"): report([0.5, 0.3]), ("m", "flat"): report([math.inf, math.inf])}
+    reports = {("m", "good"): scores_report([0.5, 0.3], [1.0, 1.0], counts=500, hidden_size=4),
+               ("m", "flat"): scores_report([math.inf, math.inf], [1.0, 1.0], counts=500, hidden_size=4)}
     write_summary(reports, ["good", "flat"], ["m"], tmp_path)
     rows = (tmp_path / "summary.md").read_text().splitlines()
     assert "| good | 0.5 | 0.3 ◀ | 1 |" in rows and "| flat | inf | inf | — |" in rows
