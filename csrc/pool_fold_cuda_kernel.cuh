@@ -39,6 +39,7 @@ constexpr int kUnroll = 4;          // tokens per warp per iteration (loads in f
 constexpr int kScalarItems = 4;     // dimensions per lane on the generic (strided) path
 constexpr int kMaxLaunchLayers = 48;  // layers per launch: the parameters stay within 4 KiB
 constexpr int kWeightGroup = 32 / kUnroll;  // iterations served by one warp-wide load of token weights
+constexpr int64_t kMaxTokens = (int64_t(1) << 31) - (1 << 16);  // token indices fit an int, with room to step
 
 struct LayersLaunch {
   PoolFoldArgs common;
@@ -73,12 +74,95 @@ __device__ __forceinline__ int item_dim(int lane, int i) {
   return kVector ? lane * kCount + i : lane + 32 * i;
 }
 
+// The token loops of one warp: acc[i] += w_t * x_t[item i] and weight_sum += w_t over the warp's tokens
+// warp, warp + kWarps, ... in that order (both paths: the same sums, bit for bit).
+//
+// 16-byte path: lane l owns kItems contiguous dimensions, all inside the hidden size or all outside.
+// The loop keeps to what a token needs: one 16-byte load, kItems widenings and FMAs; the token's address
+// advances by one precomputed step, and no dimension is bounds-checked (ncu on the H200, run 7: the
+// former loop with 64-bit index arithmetic and a check per item issued ~120 instructions per 16-byte
+// load and held bf16 at 55 % of DRAM bandwidth, its ALU pipe the busiest). Token weights: lane l loads
+// the weight of the warp's token l of each group of 32 (one load per kWeightGroup iterations) and the
+// iterations take theirs by shuffle (H100, run 6: 1-5 % faster than a load per iteration).
+template <typename Storage>
+__device__ __forceinline__ void stream_vector(const PoolFoldArgs& a, const Storage* row, const float* weights,
+                                              int lane, int warp, int64_t slice,
+                                              double (&acc)[Items<Storage, true>::kCount], double& weight_sum) {
+  using Vec = Items<Storage, true>;
+  constexpr int kItems = Vec::kCount;
+  const int64_t first = slice + int64_t(lane) * kItems;  // this lane's first dimension
+  const bool inside = first < a.dim;
+  const int tokens = static_cast<int>(a.tokens);  // at most kMaxTokens: check_launch
+  const int64_t step = int64_t(kWarps) * a.stride_t;  // from one of the warp's tokens to its next
+  const Storage* token = row + int64_t(warp) * a.stride_t + (inside ? first : 0);
+  float group_weight = 0.0f;  // this lane's token of the current group of 32
+  int group_slot = 0;         // this iteration's place in its group (warp-uniform)
+  for (int t0 = warp; t0 < tokens; t0 += kWarps * kUnroll, token += kUnroll * step) {
+    if (group_slot == 0) {  // the next 32 tokens of this warp: t0 + l * kWarps for lane l
+      const int t = t0 + lane * kWarps;
+      group_weight = t < tokens ? weights[t] : 0.0f;
+    }
+    float w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) w[u] = __shfl_sync(0xffffffffu, group_weight, group_slot * kUnroll + u);
+    group_slot = group_slot + 1 == kWeightGroup ? 0 : group_slot + 1;
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // padding / special tokens are never read (warp-uniform)
+      v[u].raw = w[u] != 0.0f && inside ? __ldg(reinterpret_cast<const uint4*>(token + u * step)) : uint4{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (w[u] == 0.0f) continue;
+      const double weight = w[u];
+      weight_sum += weight;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) acc[i] = HSVFAST_MUL_ADD(weight, to_double(v[u].value[i]), acc[i]);
+    }
+  }
+}
+
+// Generic path (any strides and alignment): lane l owns dimensions l, l + 32, ... of the slice, each
+// bounds-checked; a weight load per iteration (shuffles measured 13 % slower here in bf16/fp16, run 6b).
+template <typename Storage>
+__device__ __forceinline__ void stream_generic(const PoolFoldArgs& a, const Storage* row, const float* weights,
+                                               int lane, int warp, int64_t slice,
+                                               double (&acc)[Items<Storage, false>::kCount], double& weight_sum) {
+  using Vec = Items<Storage, false>;
+  constexpr int kItems = Vec::kCount;
+  for (int64_t t0 = warp; t0 < a.tokens; t0 += int64_t(kWarps) * kUnroll) {
+    Vec v[kUnroll];
+    float w[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all weights first, so the row loads below issue back to back
+      const int64_t t = t0 + int64_t(u) * kWarps;
+      w[u] = t < a.tokens ? weights[t] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (w[u] == 0.0f) continue;  // padding / special tokens are never read (warp-uniform)
+      const Storage* token = row + (t0 + int64_t(u) * kWarps) * a.stride_t;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t d = slice + item_dim<false, kItems>(lane, i);
+        if (d < a.dim) v[u].value[i] = token[d * a.stride_d];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (w[u] == 0.0f) continue;
+      const double weight = w[u];
+      weight_sum += weight;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t d = slice + item_dim<false, kItems>(lane, i);
+        if (d < a.dim) acc[i] = HSVFAST_MUL_ADD(weight, to_double(v[u].value[i]), acc[i]);
+      }
+    }
+  }
+}
+
 // One block's work: sequence blockIdx.y, hidden slice blockIdx.x of the layer `a` describes.
-// Token weights on the 16-byte path: lane l loads the weight of the warp's token l of each group of 32
-// (one load per kWeightGroup iterations) and the iterations take theirs by shuffle, so the row loads
-// wait for one weight load per group instead of one per iteration (H100, run 6: 1-5 % faster, the
-// same bits). The generic path keeps a load per iteration: shuffles there measured 13 % slower in
-// bf16/fp16 (run 6b, 64x128x1024 views: 0.015 -> 0.017 ms).
 template <typename Storage, bool kVector>
 __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   using Vec = Items<Storage, kVector>;
@@ -109,53 +193,10 @@ __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
 #pragma unroll
   for (int i = 0; i < kItems; ++i) acc[i] = 0.0;
   double weight_sum = 0.0;
-  // Items this lane owns that lie inside the hidden size (all or none on the fast path).
-  const int64_t first = slice + item_dim<kVector, kItems>(lane, 0);
-  float group_weight = 0.0f;  // 16-byte path: this lane's token of the current group of 32
-  int group_slot = 0;         // 16-byte path: this iteration's place in its group (warp-uniform)
-  for (int64_t t0 = warp; t0 < a.tokens; t0 += int64_t(kWarps) * kUnroll) {
-    Vec v[kUnroll];
-    float w[kUnroll];
-    if (kVector) {
-      if (group_slot == 0) {  // the next 32 tokens of this warp: t0 + l * kWarps for lane l
-        const int64_t t = t0 + int64_t(lane) * kWarps;
-        group_weight = t < a.tokens ? weights[t] : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) w[u] = __shfl_sync(0xffffffffu, group_weight, group_slot * kUnroll + u);
-      group_slot = group_slot + 1 == kWeightGroup ? 0 : group_slot + 1;
-    } else {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // all weights first, so the row loads below issue back to back
-        const int64_t t = t0 + int64_t(u) * kWarps;
-        w[u] = t < a.tokens ? weights[t] : 0.0f;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (w[u] == 0.0f) continue;  // padding / special tokens are never read (warp-uniform)
-      const Storage* token = row + (t0 + int64_t(u) * kWarps) * a.stride_t;
-      if (kVector) {
-        if (first < a.dim) v[u].raw = __ldg(reinterpret_cast<const uint4*>(token + first));
-      } else {
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) {
-          const int64_t d = slice + item_dim<kVector, kItems>(lane, i);
-          if (d < a.dim) v[u].value[i] = token[d * a.stride_d];
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (w[u] == 0.0f) continue;
-      const double weight = w[u];
-      weight_sum += weight;
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int64_t d = slice + item_dim<kVector, kItems>(lane, i);
-        if (d < a.dim) acc[i] = HSVFAST_MUL_ADD(weight, to_double(v[u].value[i]), acc[i]);
-      }
-    }
+  if constexpr (kVector) {
+    stream_vector<Storage>(a, row, weights, lane, warp, slice, acc, weight_sum);
+  } else {
+    stream_generic<Storage>(a, row, weights, lane, warp, slice, acc, weight_sum);
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) partial[warp][i][lane] = acc[i];
@@ -201,8 +242,16 @@ __device__ __forceinline__ void pool_fold_block(const PoolFoldArgs& a) {
   }
 }
 
+// Blocks per SM the generic (strided) path must leave registers for. Unbounded it takes 110-117 registers;
+// bounded to 2 it takes 96 (float64: 114), without spills. Both fit 2 blocks per SM, yet the bounded loop is
+// scheduled better: H200, run 8, strided 64x128x1024 views 0.56 -> 0.65 of the copy in bf16/fp16, 0.66 ->
+// 0.71 in float32 (bounded to 3, 72 registers: 0.61 / 0.68). The 16-byte path stays unbounded (a bound of 0
+// adds none: its SASS is byte for byte the same); a bound of 1 or 4 changes its registers and schedule.
+constexpr int kGenericBlocksPerSM = 2;
+
 template <typename Storage, bool kVector>
-__global__ void __launch_bounds__(kThreads) pool_fold_kernel(const __grid_constant__ LayersLaunch launch) {
+__global__ void __launch_bounds__(kThreads, kVector ? 0 : kGenericBlocksPerSM)
+    pool_fold_kernel(const __grid_constant__ LayersLaunch launch) {
   pool_fold_block<Storage, kVector>(with_layer(launch.common, launch.layer[blockIdx.z]));
 }
 
@@ -240,6 +289,9 @@ LaunchShape launch_shape(const LayersLaunch& args, int64_t count) {
 // What a launch cannot take (grid y is the batch).
 inline void check_launch(const PoolFoldArgs& common) {
   if (common.batch > 65535) throw std::invalid_argument("hsvfast: at most 65535 sequences per batch on CUDA");
+  if (common.tokens > kMaxTokens) {
+    throw std::invalid_argument("hsvfast: at most 2^31 - 2^16 tokens per sequence on CUDA");
+  }
 }
 
 // Calls f(Storage{}) with the activations' storage type.
