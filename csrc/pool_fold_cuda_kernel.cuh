@@ -90,7 +90,7 @@ __device__ __forceinline__ void stream_vector(const PoolFoldArgs& a, const Stora
                                               double (&acc)[Items<Storage, true>::kCount], double& weight_sum) {
   using Vec = Items<Storage, true>;
   constexpr int kItems = Vec::kCount;
-  const int64_t first = slice + int64_t(lane) * kItems;  // this lane's first dimension
+  const int64_t first = slice + item_dim<true, kItems>(lane, 0);  // this lane's first dimension
   const bool inside = first < a.dim;
   const int tokens = static_cast<int>(a.tokens);  // at most kMaxTokens: check_launch
   const int64_t step = int64_t(kWarps) * a.stride_t;  // from one of the warp's tokens to its next
